@@ -1,0 +1,1 @@
+"""Distributed MNIST trainer: `torchrun --nproc_per_node=N -m distributed.train`."""

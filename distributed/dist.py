@@ -1,0 +1,108 @@
+"""Process group up and down, device choice, and the few collectives the trainer needs."""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+class LaunchError(RuntimeError):
+    """The processes cannot be placed on the requested devices."""
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    local_rank: int
+    world_size: int
+    local_world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_distributed(self) -> bool:
+        return dist.is_available() and dist.is_initialized()
+
+
+def _env_int(name: str, default: int) -> int:
+    return int(os.environ.get(name, default))
+
+
+def choose_device(flag: str, local_rank: int, local_world_size: int) -> torch.device:
+    if flag == "cpu" or (flag == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise LaunchError("--device cuda was asked for but no CUDA device is visible; use --device cpu")
+    gpus = torch.cuda.device_count()
+    if local_world_size > gpus:
+        raise LaunchError(
+            f"{local_world_size} processes on this node but only {gpus} GPU(s) visible: "
+            f"use --nproc_per_node={gpus}, or --device cpu to run every rank on the CPU")
+    return torch.device("cuda", local_rank)
+
+
+def cpu_threads_per_rank(local_world_size: int) -> int:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // local_world_size)
+
+
+def setup(device_flag: str) -> DistEnv:
+    """Read torchrun's environment (world size 1 without it) and join the process group."""
+    rank, world_size = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1)
+    local_rank = _env_int("LOCAL_RANK", 0)
+    local_world_size = _env_int("LOCAL_WORLD_SIZE", 1)
+    device = choose_device(device_flag, local_rank, local_world_size)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    else:
+        # Several ranks on one CPU would each grab every core and thrash.
+        torch.set_num_threads(cpu_threads_per_rank(local_world_size))
+    if "RANK" in os.environ and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+    return DistEnv(rank, local_rank, world_size, local_world_size, device)
+
+
+def teardown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(env: DistEnv) -> None:
+    if env.is_distributed:
+        dist.barrier()
+
+
+def all_reduce_sum(tensor: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    if env.is_distributed:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_ok(ok: bool, env: DistEnv) -> bool:
+    """True only when every rank says ok: lets ranks fail together instead of hanging in a collective."""
+    flag = torch.tensor([0 if ok else 1], dtype=torch.int32, device=env.device)
+    return int(all_reduce_sum(flag, env).item()) == 0
+
+
+def all_gather_objects(obj: object, env: DistEnv) -> list:
+    if not env.is_distributed:
+        return [obj]
+    out: list = [None] * env.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def weights_fingerprint(module: torch.nn.Module) -> str:
+    """sha256 over the parameters and buffers: equal on every rank when DDP kept replicas in sync."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

@@ -1,0 +1,1 @@
+"""Deployable artifacts from training checkpoints: `python -m export`."""

@@ -1,0 +1,1 @@
+"""Batch inference over image folders with exported artifacts: `serve_cli predict`."""

@@ -1,0 +1,74 @@
+"""Shared fixtures: tiny synthetic MNIST in IDX format, and the real dataset when it is present."""
+from __future__ import annotations
+
+import shutil
+import socket
+import struct
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+REAL_MNIST_RAW = ROOT.parent / "shared" / "data" / "MNIST" / "raw"
+MNIST_GZ = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+            "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+
+
+def synthetic_digits(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Learnable stand-ins for digits: digit d is a bright bar pattern at a d-dependent place, jittered, noisy."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % 10
+    rng.shuffle(labels)
+    images = rng.integers(0, 40, size=(n, 28, 28)).astype(np.uint8)
+    for i, d in enumerate(labels):
+        dy, dx = rng.integers(-2, 3, size=2)
+        r, c = 4 + (d // 4) * 7 + dy, 4 + (d % 4) * 5 + dx
+        images[i, r:r + 6, c:c + 4] = 255
+        images[i, 22:25, 2 + 2 * d:4 + 2 * d] = 200  # a second cue, so tiny nets learn it fast
+    return images, labels.astype(np.uint8)
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    magic = 0x0803 if array.ndim == 3 else 0x0801
+    with open(path, "wb") as f:
+        f.write(struct.pack(">I", magic) + b"".join(struct.pack(">I", d) for d in array.shape))
+        f.write(array.astype(np.uint8).tobytes())
+
+
+def write_synthetic_mnist(root: Path, n_train: int = 640, n_test: int = 200, seed: int = 0) -> Path:
+    """Uncompressed IDX files where torchvision's MNIST looks first, so it never tries to download."""
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for split, n, s in (("train", n_train, seed), ("t10k", n_test, seed + 1)):
+        images, labels = synthetic_digits(n, s)
+        write_idx(raw / f"{split}-images-idx3-ubyte", images)
+        write_idx(raw / f"{split}-labels-idx1-ubyte", labels)
+    return root
+
+
+@pytest.fixture(scope="session")
+def synthetic_data(tmp_path_factory) -> Path:
+    return write_synthetic_mnist(tmp_path_factory.mktemp("synthetic"))
+
+
+@pytest.fixture(scope="session")
+def real_data(tmp_path_factory) -> Path:
+    """A writable copy of the real MNIST gz files (torchvision extracts beside them); skips when absent."""
+    if not all((REAL_MNIST_RAW / f).is_file() for f in MNIST_GZ):
+        pytest.skip(f"real MNIST not found in {REAL_MNIST_RAW}")
+    root = tmp_path_factory.mktemp("mnist")
+    shutil.copytree(REAL_MNIST_RAW, root / "MNIST" / "raw")
+    return root
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(nproc: int, *args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            "-m", "distributed.train", *args]

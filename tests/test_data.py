@@ -1,0 +1,73 @@
+import pytest
+import torch
+
+from distributed.data import (MEAN, STD, TASKS, DataError, eval_shard, epoch_batches, load_splits, make_sampler,
+                              normalize, read_mnist, steps_per_epoch)
+
+CPU = torch.device("cpu")
+
+
+def test_task_label_maps() -> None:
+    digits = torch.arange(10)
+    assert TASKS["binary"].map_labels(digits).tolist() == [0] * 5 + [1] * 5
+    assert TASKS["binary"].classes == ("0-4", "5-9")
+    assert TASKS["digits"].map_labels(digits).tolist() == list(range(10))
+
+
+def test_normalize() -> None:
+    x = normalize(torch.tensor([[[0, 255]]], dtype=torch.uint8))
+    assert x.shape == (1, 1, 1, 2) and x.dtype == torch.float32
+    assert torch.allclose(x.flatten(), torch.tensor([-MEAN / STD, (1 - MEAN) / STD]))
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_train_shards_are_disjoint_cover_and_equal_length(world: int) -> None:
+    n, bs = 101, 8
+    per_rank = []
+    for rank in range(world):
+        sampler = make_sampler(n, rank, world, seed=0)
+        batches = list(epoch_batches(sampler, 0, bs, CPU))
+        assert len(batches) == steps_per_epoch(sampler, bs)
+        per_rank.append(torch.cat(batches).tolist())
+    assert len({len(r) for r in per_rank}) == 1  # same step count on every rank or DDP hangs
+    flat = [i for r in per_rank for i in r]
+    assert set(flat) == set(range(n))
+    assert len(flat) - n == (-n) % world  # only the sampler's padding repeats
+    if world > 1:  # disjoint apart from that padding
+        assert len(set(per_rank[0]) & set(per_rank[1])) <= (-n) % world
+
+
+def test_sampler_reshuffles_every_epoch() -> None:
+    sampler = make_sampler(50, 0, 1, seed=0)
+    a, b = (torch.cat(list(epoch_batches(sampler, e, 50, CPU))).tolist() for e in (0, 1))
+    assert sorted(a) == sorted(b) and a != b
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 7])
+def test_eval_shards_are_exact(world: int) -> None:
+    shards = [eval_shard(1000, r, world, CPU).tolist() for r in range(world)]
+    flat = sorted(i for s in shards for i in s)
+    assert flat == list(range(1000))  # every image exactly once: no padding duplicates
+
+
+def test_splits_are_seeded_and_disjoint(synthetic_data) -> None:
+    train, val, test = load_splits(synthetic_data, TASKS["digits"], 64, seed=3, device=CPU)
+    assert (len(train), len(val), len(test)) == (576, 64, 200)
+    assert train.images.dtype == torch.uint8 and train.images.shape[1:] == (28, 28)
+    _, val2, _ = load_splits(synthetic_data, TASKS["digits"], 64, seed=3, device=CPU)
+    assert torch.equal(val.images, val2.images)
+    raw, _ = read_mnist(synthetic_data, train=True)
+    seen = {bytes(img.numpy()) for img in val.images}
+    assert not seen & {bytes(img.numpy()) for img in train.images}
+    assert len(seen) + len(train) == len(raw)
+
+
+def test_binary_labels_from_files(synthetic_data) -> None:
+    _, digits = read_mnist(synthetic_data, train=False)
+    _, _, test = load_splits(synthetic_data, TASKS["binary"], 0, seed=0, device=CPU)
+    assert torch.equal(test.labels, (digits >= 5).long())
+
+
+def test_missing_data_says_where_to_put_the_files(tmp_path) -> None:
+    with pytest.raises(DataError, match=r"MNIST/raw.*train-images-idx3-ubyte.gz"):
+        read_mnist(tmp_path / "nowhere", train=True)
