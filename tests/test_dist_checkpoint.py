@@ -1,0 +1,88 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from distributed import checkpoint, dist
+
+
+def test_more_ranks_than_gpus_is_a_clear_error(monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(dist.LaunchError, match="4 processes on this node but only 2 GPU.*--device cpu"):
+        dist.choose_device("auto", local_rank=3, local_world_size=4)
+    assert dist.choose_device("cpu", 3, 4) == torch.device("cpu")
+    assert dist.choose_device("auto", 1, 2) == torch.device("cuda", 1)
+
+
+def test_cuda_asked_without_cuda(monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(dist.LaunchError, match="--device cpu"):
+        dist.choose_device("cuda", 0, 1)
+    assert dist.choose_device("auto", 0, 1) == torch.device("cpu")
+
+
+def test_cpu_threads_are_split_between_local_ranks(monkeypatch) -> None:
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)))
+    assert [dist.cpu_threads_per_rank(n) for n in (1, 2, 4, 32)] == [16, 8, 4, 1]
+
+
+def test_fingerprint_sees_any_change() -> None:
+    model = torch.nn.Linear(3, 2)
+    before = dist.weights_fingerprint(model)
+    assert before == dist.weights_fingerprint(model)
+    with torch.no_grad():
+        model.bias[0] += 1e-7
+    assert before != dist.weights_fingerprint(model)
+
+
+def test_atomic_save_and_load(tmp_path: Path) -> None:
+    path = tmp_path / "ck" / "last.pt"
+    checkpoint.save(path, {"model": {"w": torch.ones(2)}, "config": {"model": "mlp"}, "epoch": 1})
+    state = checkpoint.load(path)
+    assert state["epoch"] == 1 and torch.equal(state["model"]["w"], torch.ones(2))
+    assert [p.name for p in path.parent.iterdir()] == ["last.pt"]
+
+
+def test_failed_save_leaves_old_file_and_no_temp(tmp_path: Path) -> None:
+    path = tmp_path / "last.pt"
+    path.write_bytes(b"old")
+
+    def explode(p: Path) -> None:
+        p.write_bytes(b"half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        checkpoint.atomic_write(path, explode)
+    assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+@pytest.mark.parametrize("content", [b"", b"garbage", b"PK\x03\x04broken zip"])
+def test_corrupt_checkpoints_are_named(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "bad.pt"
+    path.write_bytes(content)
+    with pytest.raises(checkpoint.CheckpointError, match="bad.pt is not a readable checkpoint"):
+        checkpoint.load(path)
+
+
+def test_foreign_tensor_file_is_refused(tmp_path: Path) -> None:
+    torch.save({"weights": torch.ones(1)}, tmp_path / "other.pt")
+    with pytest.raises(checkpoint.CheckpointError, match="not a checkpoint of this project"):
+        checkpoint.load(tmp_path / "other.pt")
+
+
+def test_pickled_objects_are_never_unpickled(tmp_path: Path) -> None:
+    class Evil:
+        def __reduce__(self):
+            return (exec, ("raise SystemExit('executed')",))
+
+    torch.save({"model": Evil(), "config": {}, "epoch": 0}, tmp_path / "evil.pt")
+    with pytest.raises(checkpoint.CheckpointError):
+        checkpoint.load(tmp_path / "evil.pt")
+
+
+def test_missing_checkpoint(tmp_path: Path) -> None:
+    with pytest.raises(checkpoint.CheckpointError, match="checkpoint not found"):
+        checkpoint.load(tmp_path / "nope.pt")

@@ -1,0 +1,172 @@
+"""The trainer end to end in one process (world size 1) on tiny synthetic MNIST."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import free_port
+from distributed import checkpoint, dist
+from distributed.config import SEED_RECIPE, parse_args
+from distributed.train import fit, main
+
+REQUIRED_METRICS = {"test_accuracy", "test_loss", "val_accuracy", "epochs", "world_size",
+                    "train_images_per_second", "train_seconds", "task", "model", "classes"}
+
+
+def args(data: Path, run_dir: Path, *extra: str) -> list[str]:
+    return ["--data-dir", str(data), "--run-dir", str(run_dir), "--val-size", "64", "--epochs", "2",
+            "--log-every", "2", *extra]
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return checkpoint.load(run_dir / "checkpoints" / "last.pt")["model"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(synthetic_data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("run")
+    assert main(args(synthetic_data, out)) == 0
+    return out
+
+
+def test_metrics_json(run_dir: Path) -> None:
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert REQUIRED_METRICS <= metrics.keys()
+    assert metrics["epochs"] == 2 and metrics["world_size"] == 1 and metrics["task"] == "digits"
+    assert metrics["classes"] == [str(d) for d in range(10)]
+    assert metrics["test_accuracy"] > 0.5  # synthetic digits are easy: learning happened
+    assert metrics["train_seconds"] > 0 and metrics["train_images_per_second"] > 0
+    assert metrics["train_images"] == 2 * (640 - 64)
+    assert [h["epoch"] for h in metrics["history"]] == [1, 2]
+    assert json.loads((run_dir / "config.json").read_text())["epochs"] == 2
+
+
+def test_checkpoints_load_with_weights_only(run_dir: Path) -> None:
+    for name in ("last.pt", "best.pt"):
+        state = torch.load(run_dir / "checkpoints" / name, weights_only=True)
+        assert {"model", "optimizer", "scheduler", "scaler", "epoch", "step", "config", "rng", "run"} <= state.keys()
+    last = checkpoint.load(run_dir / "checkpoints" / "last.pt")
+    assert last["epoch"] == 2 and last["step"] == 2 * 9
+    assert not list((run_dir / "checkpoints").glob("*.tmp"))
+
+
+def test_tensorboard_event_file(run_dir: Path) -> None:
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "images": 0}).Reload()
+    tags = acc.Tags()
+    for tag in ("train/loss", "train/lr", "test/loss", "test/accuracy", "val/accuracy",
+                "perf/images_per_second", "perf/epoch_seconds", "hparam/test_accuracy"):
+        assert tag in tags["scalars"], tag
+    assert {"test/predictions", "test/confusion_matrix"} <= set(tags["images"])
+    assert tags["graph"]
+    assert [e.step for e in acc.Scalars("train/loss")] == list(range(2, 19, 2))
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert acc.Scalars("test/accuracy")[-1].value == pytest.approx(metrics["test_accuracy"])
+
+
+def test_tensorboard_server_serves_the_scalars(run_dir: Path) -> None:
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "tensorboard.main", "--logdir", str(run_dir),
+                               "--host", "127.0.0.1", "--port", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/data/plugin/scalars/scalars?run=.&tag=test%2Faccuracy"
+    try:
+        deadline, rows = time.time() + 60, None
+        while time.time() < deadline and rows is None:
+            try:
+                with urllib.request.urlopen(url, timeout=5) as r:
+                    rows = json.loads(r.read())
+            except OSError:
+                time.sleep(0.5)
+        assert rows is not None, "tensorboard did not answer within 60 s"
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        assert [step for _, step, _ in rows] == [h["step"] for h in metrics["history"]]
+        assert rows[-1][2] == pytest.approx(metrics["test_accuracy"])
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_same_seed_same_weights(synthetic_data, run_dir: Path, tmp_path: Path) -> None:
+    assert main(args(synthetic_data, tmp_path)) == 0
+    a, b = final_weights(run_dir), final_weights(tmp_path)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_matches_uninterrupted_run(synthetic_data, run_dir: Path, tmp_path: Path) -> None:
+    cfg = parse_args(args(synthetic_data, tmp_path))
+    env = dist.setup("cpu")
+    fit(cfg, env, stop_after_epoch=1)  # as if preempted after epoch 1
+    assert checkpoint.load(tmp_path / "checkpoints" / "last.pt")["epoch"] == 1
+    assert main(args(synthetic_data, tmp_path)) == 0  # finds last.pt and resumes
+    a, b = final_weights(run_dir), final_weights(tmp_path)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert [h["epoch"] for h in metrics["history"]] == [1, 2]
+    steps = [e.step for e in EventAccumulator(str(tmp_path)).Reload().Scalars("train/loss")]
+    assert steps == sorted(set(steps))  # no duplicated or rewound steps after the restart
+
+
+def test_no_resume_starts_over(synthetic_data, run_dir: Path, tmp_path: Path) -> None:
+    assert main(args(synthetic_data, tmp_path, "--epochs", "1")) == 0
+    assert main(args(synthetic_data, tmp_path, "--epochs", "1", "--no-resume")) == 0
+    assert checkpoint.load(tmp_path / "checkpoints" / "last.pt")["step"] == 9
+
+
+def test_amp_bf16_on_cpu_trains(synthetic_data, tmp_path: Path) -> None:
+    assert main(args(synthetic_data, tmp_path, "--amp", "bf16", "--model", "samnet", "--task", "binary")) == 0
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["amp"] == "bfloat16" and metrics["classes"] == ["0-4", "5-9"]
+    assert metrics["test_accuracy"] > 0.6
+
+
+def test_seed_recipe_is_expressible(synthetic_data, tmp_path: Path) -> None:
+    cfg = parse_args(SEED_RECIPE + ["--task", "binary", "--model", "samnet"])
+    assert (cfg.optimizer, cfg.lr, cfg.momentum, cfg.batch_size, cfg.schedule) == ("sgd", 0.01, 0.5, 64, "none")
+    assert main(args(synthetic_data, tmp_path, *SEED_RECIPE, "--epochs", "1")) == 0
+
+
+def test_overfit_batches_drives_loss_to_zero(synthetic_data, tmp_path: Path) -> None:
+    assert main(args(synthetic_data, tmp_path, "--overfit-batches", "1", "--epochs", "40",
+                     "--schedule", "none", "--lr", "2e-3")) == 0
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["test_count"] == 64  # evaluated on the same batch it trained on
+    assert metrics["test_loss"] < 0.05 and metrics["test_accuracy"] == 1.0
+
+
+def test_batch_size_help_says_per_rank(capsys) -> None:
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    assert "PER RANK" in capsys.readouterr().out
+
+
+def test_missing_data_dir_is_one_clear_error(tmp_path: Path, capsys) -> None:
+    assert main(["--data-dir", str(tmp_path / "absent"), "--run-dir", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "MNIST not found" in err[0] and "train-images-idx3-ubyte.gz" in err[0]
+
+
+def test_unknown_model_is_a_usage_error(capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        parse_args(["--model", "resnet"])
+    assert exc.value.code == 2
+    assert "unknown --model 'resnet'" in capsys.readouterr().err
+
+
+def test_corrupt_checkpoint_is_one_clear_error(synthetic_data, tmp_path: Path, capsys) -> None:
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.pt").write_bytes(b"not a checkpoint at all")
+    assert main(args(synthetic_data, tmp_path)) == 1
+    assert "is not a readable checkpoint" in capsys.readouterr().err
+
+
+def test_resume_without_checkpoint_is_an_error(synthetic_data, tmp_path: Path, capsys) -> None:
+    assert main(args(synthetic_data, tmp_path, "--resume")) == 1
+    assert "does not exist" in capsys.readouterr().err
