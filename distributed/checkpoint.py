@@ -20,7 +20,8 @@ class CheckpointError(RuntimeError):
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Write via a temp file in the same folder, fsync, then os.replace: readers see old or new, never half."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # The temp name keeps the real suffix: some writers (torch.export.save) insist on it.
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent)
     os.close(fd)
     try:
         write(Path(tmp))

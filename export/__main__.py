@@ -1,0 +1,201 @@
+"""python -m export: checkpoint -> model.ts / model.onnx / model.pt2 + manifest.json, gated on output parity.
+
+  python -m export --run-dir runs/digits                 # best.pt -> runs/digits/export/
+  python -m export --checkpoint last.pt --out-dir artifacts/digits
+  python -m export --verify artifacts/digits             # re-check hashes and parity later
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import shutil
+import sys
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from distributed.checkpoint import CheckpointError, write_json
+from distributed.data import MEAN, STD
+
+from .manifest import (FORMAT_VERSION, INPUT_NAME, MANIFEST, OUTPUT_NAME, ManifestError, file_entry,
+                       probe_images, read_manifest, sha256_file, verify_file)
+
+DEFAULT_OPSET = 20
+PROBE_SEED, PROBE_COUNT = 0, 16
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m export", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run-dir", help="training run dir: exports checkpoints/best.pt into RUN_DIR/export")
+    src.add_argument("--checkpoint", help="a checkpoint file (best.pt or last.pt)")
+    src.add_argument("--verify", metavar="DIR", help="re-check an export dir: sha256s, then output parity")
+    p.add_argument("--out-dir", help="where the artifacts go (default: RUN_DIR/export)")
+    p.add_argument("--data-dir", help="MNIST root for the parity set (default: the checkpoint's --data-dir)")
+    p.add_argument("--atol", type=float, default=1e-4, help="max |logit difference| any backend may show")
+    p.add_argument("--batch-sizes", default="1,7,1000", help="batch sizes the parity gate runs at")
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset")
+    return p
+
+
+def parse_batch_sizes(text: str, parser: argparse.ArgumentParser) -> list[int]:
+    try:
+        sizes = sorted({int(s) for s in text.split(",")})
+    except ValueError:
+        parser.error(f"--batch-sizes {text!r}: give whole numbers separated by commas, e.g. 1,7,1000")
+    if sizes[0] < 1:
+        parser.error("--batch-sizes must be at least 1")
+    return sizes
+
+
+def versions() -> dict[str, str]:
+    import onnx
+    import onnxruntime
+    import torch
+    return {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+            "python": platform.python_version()}
+
+
+def build_manifest(info: dict[str, Any], checkpoint: Path, staging: Path, method: str, opset: int,
+                   parity: dict[str, Any], reference: list[list[float]]) -> dict[str, Any]:
+    classes = info["classes"]
+    return {
+        "format_version": FORMAT_VERSION,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "model": {"name": info["name"], "task": info["task"], "classes": classes, "num_classes": len(classes)},
+        "input": {"name": INPUT_NAME, "dtype": "float32", "shape": ["N", 1, 28, 28], "range": [0.0, 1.0],
+                  "polarity": "MNIST: bright ink (1.0) on a dark background (0.0)",
+                  "normalization": {"mean": MEAN, "std": STD, "applied": "inside the model"}},
+        "output": {"name": OUTPUT_NAME, "dtype": "float32", "shape": ["N", len(classes)],
+                   "meaning": "unnormalised class scores in the order of model.classes; softmax for probabilities"},
+        "artifacts": {
+            "onnx": file_entry(staging / "model.onnx", opset=opset),
+            "torchscript": file_entry(staging / "model.ts", method=method),
+            "exported_program": file_entry(staging / "model.pt2"),
+        },
+        "source": {"checkpoint": str(checkpoint.resolve()), "sha256": sha256_file(checkpoint),
+                   "epoch": info["epoch"], "test_accuracy": info["metrics"].get("test_accuracy"),
+                   "val_accuracy": info["metrics"].get("val_accuracy")},
+        "versions": versions(),
+        "parity": parity,
+        "reference": {"seed": PROBE_SEED, "count": PROBE_COUNT, "logits": reference},
+    }
+
+
+def check_parity(model: Any, directory: Path, manifest: dict[str, Any], data_dir: str | None,
+                 batch_sizes: list[int], atol: float) -> dict[str, Any]:
+    from .parity import eager_backend, load_backends, parity_report, parity_set
+
+    images, labels, dataset = parity_set(data_dir, manifest["model"]["task"])
+    report = parity_report(eager_backend(model), load_backends(directory, manifest), images, labels,
+                           batch_sizes, atol)
+    return {"dataset": dataset, **report}
+
+
+def export_checkpoint(checkpoint: Path, out_dir: Path, data_dir: str | None, batch_sizes: list[int],
+                      atol: float, opset: int) -> dict[str, Any]:
+    """Everything is built and gated in a staging dir beside out_dir, which only a passing export replaces."""
+    from .formats import write_exported_program, write_onnx, write_torchscript
+    from .parity import ParityError, eager_backend, failures, format_report
+    from .wrap import load_for_export
+
+    model, info = load_for_export(checkpoint)
+    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / MANIFEST).exists():
+        raise ManifestError(f"--out-dir {out_dir} exists and is not an export dir: choose an empty or new folder")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.staging-", dir=out_dir.parent))
+    staging.chmod(0o755)
+    try:
+        method = write_torchscript(model, staging / "model.ts")
+        write_exported_program(model, staging / "model.pt2")
+        write_onnx(model, staging / "model.onnx", opset)
+        reference = eager_backend(model)(probe_images(PROBE_SEED, PROBE_COUNT)).tolist()
+        manifest = build_manifest(info, checkpoint, staging, method, opset, {}, reference)
+        manifest["parity"] = check_parity(model, staging, manifest, data_dir or info["data_dir"], batch_sizes, atol)
+        print(f"parity on {manifest['parity']['dataset']}, batch sizes {batch_sizes}:")
+        print(format_report(manifest["parity"]))
+        if not manifest["parity"]["passed"]:
+            raise ParityError("parity gate failed, nothing exported: " + "; ".join(failures(manifest["parity"])))
+        write_json(staging / MANIFEST, manifest)
+        replace_dir(staging, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return manifest
+
+
+def replace_dir(new: Path, target: Path) -> None:
+    """Swap a finished dir into place: readers see the old export or the new one, never a mix."""
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{datetime.now().strftime('%Y%m%d%H%M%S%f')}")
+        target.rename(old)
+    new.rename(target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def verify(directory: Path, data_dir: str | None, batch_sizes: list[int], atol: float) -> dict[str, Any]:
+    """Hashes first; then every backend against the eager logits the manifest recorded; then, when the source
+    checkpoint is still where it was (same sha256), the full parity gate against a fresh eager model."""
+    import numpy as np
+
+    from .parity import ParityError, compare, failures, format_report, load_backends
+    from .wrap import load_for_export
+
+    manifest = read_manifest(directory)
+    for backend in manifest["artifacts"]:
+        verify_file(directory, manifest, backend)
+    print(f"sha256 ok: {', '.join(e['file'] for e in manifest['artifacts'].values())}")
+    ref = manifest["reference"]
+    images = probe_images(ref["seed"], ref["count"])
+    expected = np.asarray(ref["logits"], dtype=np.float32)
+    probe = {"count": ref["count"], "atol": atol, "backends": {
+        name: compare(expected, backend(images), None) for name, backend in load_backends(directory, manifest).items()}}
+    if failures(probe):
+        raise ParityError(f"{directory}: artifacts disagree with the recorded eager logits: "
+                          + "; ".join(failures(probe)))
+    print(f"reference logits ok ({ref['count']} probe images, atol {atol:g})")
+    source = Path(manifest["source"]["checkpoint"])
+    if source.is_file() and sha256_file(source) == manifest["source"]["sha256"]:
+        model, info = load_for_export(source)
+        report = check_parity(model, directory, manifest, data_dir or info["data_dir"], batch_sizes, atol)
+        print(f"parity on {report['dataset']}, batch sizes {batch_sizes}:")
+        print(format_report(report))
+        if not report["passed"]:
+            raise ParityError(f"{directory}: parity gate failed: " + "; ".join(failures(report)))
+    else:
+        print(f"source checkpoint {source} not available: full parity not rerun")
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    sizes = parse_batch_sizes(args.batch_sizes, parser)
+    from .parity import ParityError
+
+    try:
+        if args.verify:
+            verify(Path(args.verify), args.data_dir, sizes, args.atol)
+            print(f"verified: {args.verify}")
+            return 0
+        if args.run_dir:
+            checkpoint = Path(args.run_dir) / "checkpoints" / "best.pt"
+            out_dir = Path(args.out_dir or Path(args.run_dir) / "export")
+        else:
+            if not args.out_dir:
+                parser.error("--checkpoint needs --out-dir")
+            checkpoint, out_dir = Path(args.checkpoint), Path(args.out_dir)
+        manifest = export_checkpoint(checkpoint, out_dir, args.data_dir, sizes, args.atol, args.opset)
+    except (CheckpointError, ManifestError, ParityError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    files = ", ".join(f"{e['file']} ({e['bytes'] / 1e6:.1f} MB)" for e in manifest["artifacts"].values())
+    print(f"exported {manifest['model']['name']} ({manifest['model']['task']}) to {out_dir}: {files}, {MANIFEST}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

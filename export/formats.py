@@ -1,0 +1,52 @@
+"""Writers for each artifact format; every file lands atomically (temp file, then os.replace)."""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from distributed.checkpoint import atomic_write
+
+from .manifest import INPUT_NAME, OUTPUT_NAME
+
+MAX_BATCH = 1 << 16
+
+
+def example_input(batch: int = 2) -> torch.Tensor:
+    return torch.rand(batch, 1, 28, 28)
+
+
+def _batch_dim() -> torch.export.Dim:
+    return torch.export.Dim("batch", min=1, max=MAX_BATCH)
+
+
+def write_torchscript(model: nn.Module, path: Path) -> str:
+    """torch.jit.script, or trace where scripting fails (said on stdout). Returns the method used."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.jit.*deprecated")
+        try:
+            module, method = torch.jit.script(model), "script"
+        except Exception as e:  # scripting rejects some Python; tracing records one path through it
+            print(f"torchscript: scripting failed ({type(e).__name__}); traced instead")
+            module, method = torch.jit.trace(model, example_input()), "trace"
+        atomic_write(path, lambda p: module.save(str(p)))
+    return method
+
+
+def write_exported_program(model: nn.Module, path: Path) -> None:
+    program = torch.export.export(model, (example_input(),), dynamic_shapes=({0: _batch_dim()},))
+    atomic_write(path, lambda p: torch.export.save(program, p))
+
+
+def write_onnx(model: nn.Module, path: Path, opset: int) -> None:
+    """One self-contained .onnx file: the weights are kept inline, not in a side .data file."""
+    import onnx
+
+    program = torch.onnx.export(model, (example_input(),), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                                dynamic_shapes=({0: _batch_dim()},), opset_version=opset, dynamo=True,
+                                external_data=False, verbose=False)
+    proto = program.model_proto
+    onnx.checker.check_model(proto, full_check=True)
+    atomic_write(path, lambda p: p.write_bytes(proto.SerializeToString()))

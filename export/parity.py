@@ -1,0 +1,104 @@
+"""Run every backend on the same images at several batch sizes, compare with eager PyTorch, gate on the result."""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from distributed.data import TASKS
+
+from .manifest import INPUT_NAME, artifact_path, probe_images
+
+Backend = Callable[[np.ndarray], np.ndarray]  # float32 [N, 1, 28, 28] -> logits [N, C]
+BACKENDS = ("torchscript", "exported_program", "onnxruntime")
+ARTIFACT_OF = {"torchscript": "torchscript", "exported_program": "exported_program", "onnxruntime": "onnx"}
+
+
+class ParityError(RuntimeError):
+    """An artifact does not answer like the eager model."""
+
+
+def torch_backend(module: Callable[[torch.Tensor], torch.Tensor]) -> Backend:
+    def run(images: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return module(torch.from_numpy(images)).numpy()
+    return run
+
+
+def eager_backend(model: nn.Module) -> Backend:
+    return torch_backend(model.eval())
+
+
+def load_backends(directory: Path, manifest: dict[str, Any]) -> dict[str, Backend]:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(artifact_path(directory, manifest, "onnx")),
+                                   providers=["CPUExecutionProvider"])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.jit.*deprecated")
+        scripted = torch.jit.load(str(artifact_path(directory, manifest, "torchscript")), map_location="cpu")
+    return {
+        "torchscript": torch_backend(scripted.eval()),
+        "exported_program": torch_backend(
+            torch.export.load(str(artifact_path(directory, manifest, "exported_program"))).module()),
+        "onnxruntime": lambda images: session.run(None, {INPUT_NAME: images})[0],
+    }
+
+
+def run_batched(backend: Backend, images: np.ndarray, batch_size: int) -> np.ndarray:
+    return np.concatenate([backend(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
+
+
+def parity_set(data_dir: str | None, task: str, random_count: int = 1000) -> tuple[np.ndarray, np.ndarray | None, str]:
+    """MNIST test images in [0, 1] (with task labels) when the files are in data_dir, else seeded random images."""
+    raw = Path(data_dir) / "MNIST" / "raw" if data_dir else None
+    if raw is not None and any(raw.glob("t10k-images-idx3-ubyte*")):
+        from distributed.data import read_mnist
+        images, digits = read_mnist(data_dir, train=False)
+        labels = TASKS[task].map_labels(digits).numpy()
+        x = (images.float() / 255.0).unsqueeze(1).numpy()
+        return x, labels, f"MNIST test set in {data_dir} ({len(x)} images)"
+    return probe_images(0, random_count), None, f"seeded uniform random images ({random_count}), no MNIST in {data_dir}"
+
+
+def compare(reference: np.ndarray, logits: np.ndarray, labels: np.ndarray | None) -> dict[str, Any]:
+    return {
+        "max_abs_diff": float(np.abs(reference - logits).max()),
+        "top1_agreement": float((reference.argmax(1) == logits.argmax(1)).mean()),
+        "accuracy": float((logits.argmax(1) == labels).mean()) if labels is not None else None,
+    }
+
+
+def parity_report(reference: Backend, backends: dict[str, Backend], images: np.ndarray,
+                  labels: np.ndarray | None, batch_sizes: list[int], atol: float) -> dict[str, Any]:
+    """Reference logits at the largest batch size; each backend's worst case over all batch sizes."""
+    ref = run_batched(reference, images, max(batch_sizes))
+    results: dict[str, Any] = {}
+    for name, backend in {"eager": reference, **backends}.items():
+        per_size = [compare(ref, run_batched(backend, images, bs), labels) for bs in batch_sizes]
+        results[name] = {
+            "max_abs_diff": max(r["max_abs_diff"] for r in per_size),
+            "top1_agreement": min(r["top1_agreement"] for r in per_size),
+            "accuracy": per_size[-1]["accuracy"],
+        }
+    passed = all(r["max_abs_diff"] <= atol and r["top1_agreement"] == 1.0 for r in results.values())
+    return {"count": len(images), "batch_sizes": batch_sizes, "atol": atol, "passed": passed, "backends": results}
+
+
+def failures(report: dict[str, Any]) -> list[str]:
+    return [f"{name}: max |logit diff| {r['max_abs_diff']:.3g} (atol {report['atol']:g}), "
+            f"top-1 agreement {r['top1_agreement']:.4%}"
+            for name, r in report["backends"].items()
+            if r["max_abs_diff"] > report["atol"] or r["top1_agreement"] < 1.0]
+
+
+def format_report(report: dict[str, Any]) -> str:
+    lines = [f"{'backend':<18}{'max |diff|':>12}{'top-1 agree':>14}{'accuracy':>11}"]
+    for name, r in report["backends"].items():
+        acc = f"{r['accuracy']:.2%}" if r["accuracy"] is not None else "-"
+        lines.append(f"{name:<18}{r['max_abs_diff']:>12.2e}{r['top1_agreement']:>14.2%}{acc:>11}")
+    return "\n".join(lines)

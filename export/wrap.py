@@ -1,0 +1,46 @@
+"""The inference function that every artifact holds: [0, 1] images -> normalise -> network -> logits."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from distributed import checkpoint
+from distributed.data import MEAN, STD, TASKS
+from distributed.models import MODELS, build_model
+
+
+class InferenceModel(nn.Module):
+    """Takes float32 [N, 1, 28, 28] in [0, 1], MNIST polarity; normalisation is baked in."""
+
+    def __init__(self, net: nn.Module, mean: float = MEAN, std: float = STD) -> None:
+        super().__init__()
+        self.net = net
+        self.mean = mean
+        self.std = std
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net((images - self.mean) / self.std)
+
+
+def load_for_export(path: str | Path) -> tuple[InferenceModel, dict[str, Any]]:
+    """Rebuild the network from the checkpoint's own config; CPU, fp32, eval mode (works for GPU checkpoints)."""
+    state = checkpoint.load(path, map_location="cpu")
+    config = state["config"]
+    name, task = config.get("model"), config.get("task")
+    if name not in MODELS:
+        raise checkpoint.CheckpointError(f"{path} names model {name!r}, which this version does not know "
+                                         f"(known: {', '.join(MODELS)})")
+    if task not in TASKS:
+        raise checkpoint.CheckpointError(f"{path} names task {task!r}; known: {', '.join(TASKS)}")
+    classes = list(state.get("classes") or TASKS[task].classes)
+    net = build_model(name, len(classes))
+    try:
+        net.load_state_dict({k: v.float() for k, v in state["model"].items()})
+    except RuntimeError as e:
+        raise checkpoint.CheckpointError(f"{path}: weights do not fit {name} ({str(e).splitlines()[0]})") from None
+    info = {"name": name, "task": task, "classes": classes, "epoch": state["epoch"],
+            "metrics": state.get("metrics") or {}, "data_dir": config.get("data_dir")}
+    return InferenceModel(net).eval(), info
