@@ -4,6 +4,7 @@ from __future__ import annotations
 import shutil
 import socket
 import struct
+import subprocess
 import sys
 from pathlib import Path
 
@@ -72,3 +73,24 @@ def free_port() -> int:
 def torchrun(nproc: int, *args: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
             "-m", "distributed.train", *args]
+
+
+@pytest.fixture(scope="session")
+def ddp_run(synthetic_data, tmp_path_factory) -> Path:
+    """A real 2-rank torchrun training run on synthetic data (2 epochs), shared by trainer and export tests."""
+    run_dir = tmp_path_factory.mktemp("ddp")
+    proc = subprocess.run(torchrun(2, "--data-dir", str(synthetic_data), "--run-dir", str(run_dir),
+                                   "--val-size", "64", "--epochs", "2", "--eval-batch-size", "48"),
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    import torch
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

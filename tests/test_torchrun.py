@@ -18,16 +18,6 @@ from distributed.models import build_model
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def ddp_run(synthetic_data, tmp_path_factory) -> Path:
-    run_dir = tmp_path_factory.mktemp("ddp")
-    proc = subprocess.run(torchrun(2, "--data-dir", str(synthetic_data), "--run-dir", str(run_dir),
-                                   "--val-size", "64", "--epochs", "2", "--eval-batch-size", "48"),
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return run_dir
-
-
 def test_two_ranks_end_with_identical_weights(ddp_run: Path) -> None:
     metrics = json.loads((ddp_run / "metrics.json").read_text())
     assert metrics["world_size"] == 2

@@ -55,7 +55,7 @@ def test_checkpoints_load_with_weights_only(run_dir: Path) -> None:
         assert {"model", "optimizer", "scheduler", "scaler", "epoch", "step", "config", "rng", "run"} <= state.keys()
     last = checkpoint.load(run_dir / "checkpoints" / "last.pt")
     assert last["epoch"] == 2 and last["step"] == 2 * 9
-    assert not list((run_dir / "checkpoints").glob("*.tmp"))
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["best.pt", "last.pt"]
 
 
 def test_tensorboard_event_file(run_dir: Path) -> None:
