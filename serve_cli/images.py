@@ -1,0 +1,129 @@
+"""Decode any image Pillow reads and turn it into an MNIST-style digit: float32 [28, 28] in [0, 1].
+
+MNIST digits are bright ink on black, the ink's bounding box scaled to 20 px on its longest side and
+placed so that its centre of mass sits at the centre of the 28x28 field. An image that already is
+such a digit (28x28, 8-bit grayscale, dark background) passes through untouched, so MNIST test
+images saved as PNG give exactly the in-memory predictions.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+SIZE, BOX = 28, 20
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm", ".pbm",
+                  ".pnm"}
+MIN_CONTRAST = 0.08  # below this the picture holds no ink worth reading
+INK_LEVEL = 0.2  # share of full contrast that counts as ink for the bounding box
+
+
+class ImageError(ValueError):
+    """This file cannot be turned into a digit; the message says why."""
+
+
+def find_images(inputs: list[str], recursive: bool) -> Iterator[Path]:
+    """Files as given, then each folder's image files in sorted order (sub-folders too with recursive)."""
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            yield from _walk(path, recursive)
+        else:
+            yield path
+
+
+def _walk(folder: Path, recursive: bool) -> Iterator[Path]:
+    # One folder's listing at a time: memory stays flat however many files there are.
+    with os.scandir(folder) as it:
+        entries = sorted(it, key=lambda e: e.name)
+    for entry in entries:
+        if entry.is_dir():
+            if recursive:
+                yield from _walk(Path(entry.path), recursive)
+        elif Path(entry.name).suffix.lower() in IMAGE_SUFFIXES:
+            yield Path(entry.path)
+
+
+def load_digit(path: Path) -> np.ndarray:
+    """The file as an MNIST-style float32 [28, 28] image; ImageError with a short reason otherwise."""
+    try:
+        with Image.open(path) as img:
+            if img.width * img.height > Image.MAX_IMAGE_PIXELS:
+                raise ImageError(f"image too large ({img.width}x{img.height} pixels, limit "
+                                 f"{Image.MAX_IMAGE_PIXELS:,})")
+            img.seek(0)  # animated GIF/WebP/TIFF: the first frame
+            if img.size == (SIZE, SIZE) and img.mode == "L" and not img.info.get("transparency"):
+                gray = np.asarray(img, dtype=np.float32) / 255.0
+                if _border(gray) < 0.5:
+                    return gray  # already an MNIST digit: leave every pixel as it is
+            gray = to_gray(ImageOps.exif_transpose(img))
+    except ImageError:
+        raise
+    except Image.DecompressionBombError:
+        raise ImageError(f"image too large (over Pillow's limit of {Image.MAX_IMAGE_PIXELS:,} pixels)") from None
+    except UnidentifiedImageError:
+        raise ImageError("not an image Pillow can read") from None
+    except PermissionError:
+        raise ImageError("permission denied") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as e:
+        raise ImageError(f"cannot decode ({str(e).splitlines()[0][:120] or type(e).__name__})") from None
+    return mnistify(gray)
+
+
+def to_gray(img: Image.Image) -> np.ndarray:
+    """Any mode (8/16/32-bit gray, palette, RGB, CMYK, with or without alpha) -> float32 [H, W] in [0, 1]."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        a = np.asarray(img).astype(np.float32)
+        return a / (65535.0 if a.max() > 255 else 255.0)
+    if img.mode == "F":
+        a = np.asarray(img, dtype=np.float32)
+        return a / a.max() if a.max() > 1 else a
+    if img.mode in ("1", "L"):
+        return np.asarray(img.convert("L"), dtype=np.float32) / 255.0
+    if img.mode == "P" and "transparency" in img.info or img.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        rgba = np.asarray(img.convert("RGBA"), dtype=np.float32) / 255.0
+        return _flatten_alpha(rgba)
+    return np.asarray(img.convert("L"), dtype=np.float32) / 255.0
+
+
+def _flatten_alpha(rgba: np.ndarray) -> np.ndarray:
+    """Put the picture on a background that contrasts with its visible strokes (dark ink -> white paper)."""
+    gray = rgba[..., :3] @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    alpha = rgba[..., 3]
+    visible = alpha > 0.5
+    ink = float(gray[visible].mean()) if visible.any() else 0.0
+    background = 1.0 if ink < 0.5 else 0.0
+    return gray * alpha + background * (1.0 - alpha)
+
+
+def _border(gray: np.ndarray) -> float:
+    return float(np.median(np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])))
+
+
+def mnistify(gray: np.ndarray) -> np.ndarray:
+    """Light paper is inverted; ink is stretched to [0, 1], cropped, scaled to 20 px and centred by mass."""
+    background = _border(gray)
+    if background > 0.5:
+        gray, background = 1.0 - gray, 1.0 - background
+    peak = float(np.percentile(gray, 99.9)) if gray.size > 1000 else float(gray.max())
+    if peak - background < MIN_CONTRAST:
+        raise ImageError("blank image: no ink found")
+    ink = np.clip((gray - background) / (peak - background), 0.0, 1.0)
+    rows, cols = np.nonzero(ink > INK_LEVEL)
+    ink = ink[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+    h, w = ink.shape
+    scale = BOX / max(h, w)
+    new_w, new_h = max(1, round(w * scale)), max(1, round(h * scale))
+    digit = np.asarray(Image.fromarray(ink, mode="F").resize((new_w, new_h), Image.BILINEAR), dtype=np.float32)
+    digit = np.clip(digit, 0.0, 1.0)
+    total = digit.sum()
+    ys, xs = np.indices(digit.shape)
+    cy, cx = (ys * digit).sum() / total, (xs * digit).sum() / total
+    top = int(np.clip(round(SIZE / 2 - cy - 0.5), 0, SIZE - new_h))
+    left = int(np.clip(round(SIZE / 2 - cx - 0.5), 0, SIZE - new_w))
+    out = np.zeros((SIZE, SIZE), dtype=np.float32)
+    out[top:top + new_h, left:left + new_w] = digit
+    return out
