@@ -2,8 +2,8 @@
 
 MNIST digits are bright ink on black, the ink's bounding box scaled to 20 px on its longest side and
 placed so that its centre of mass sits at the centre of the 28x28 field. An image that already is
-such a digit (28x28, 8-bit grayscale, dark background) passes through untouched, so MNIST test
-images saved as PNG give exactly the in-memory predictions.
+such a digit (28x28 with a dark background, 8- or 16-bit, gray or colour) passes through untouched,
+so MNIST test images saved as PNG give exactly the in-memory predictions.
 """
 from __future__ import annotations
 
@@ -55,10 +55,6 @@ def load_digit(path: Path) -> np.ndarray:
                 raise ImageError(f"image too large ({img.width}x{img.height} pixels, limit "
                                  f"{Image.MAX_IMAGE_PIXELS:,})")
             img.seek(0)  # animated GIF/WebP/TIFF: the first frame
-            if img.size == (SIZE, SIZE) and img.mode == "L" and not img.info.get("transparency"):
-                gray = np.asarray(img, dtype=np.float32) / 255.0
-                if _border(gray) < 0.5:
-                    return gray  # already an MNIST digit: leave every pixel as it is
             gray = to_gray(ImageOps.exif_transpose(img))
     except ImageError:
         raise
@@ -70,6 +66,8 @@ def load_digit(path: Path) -> np.ndarray:
         raise ImageError("permission denied") from None
     except (OSError, ValueError, SyntaxError, EOFError) as e:
         raise ImageError(f"cannot decode ({str(e).splitlines()[0][:120] or type(e).__name__})") from None
+    if gray.shape == (SIZE, SIZE) and _border(gray) < 0.5:
+        return gray  # already an MNIST-style digit (any bit depth): every pixel stays as it is
     return mnistify(gray)
 
 

@@ -94,3 +94,22 @@ def pytest_collection_modifyitems(config, items) -> None:
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def exported_run(ddp_run) -> Path:
+    """The 2-rank synthetic run exported with `python -m export --run-dir` (artifacts in RUN_DIR/export)."""
+    from export.__main__ import main
+    assert main(["--run-dir", str(ddp_run), "--batch-sizes", "1,64"]) == 0
+    return ddp_run / "export"
+
+
+@pytest.fixture(scope="session")
+def mnist_export(real_data, tmp_path_factory) -> Path:
+    """A fastnet really trained on MNIST (1 epoch, 1 process) and exported; skips without real MNIST."""
+    from distributed.train import main as train
+    from export.__main__ import main as export
+    run_dir = tmp_path_factory.mktemp("mnist_run")
+    assert train(["--data-dir", str(real_data), "--run-dir", str(run_dir), "--epochs", "1"]) == 0
+    assert export(["--run-dir", str(run_dir), "--batch-sizes", "7,1000"]) == 0
+    return run_dir / "export"

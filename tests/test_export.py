@@ -47,10 +47,8 @@ def test_every_model_exports_and_passes_the_gate(model: str, task: str, syntheti
 
 
 @pytest.fixture(scope="module")
-def exported(ddp_run: Path) -> Path:
-    """The checkpoint of a real 2-rank torchrun run, exported with its defaults (--run-dir)."""
-    assert main(["--run-dir", str(ddp_run)]) == 0
-    return ddp_run / "export"
+def exported(exported_run: Path) -> Path:
+    return exported_run
 
 
 def test_torchrun_checkpoint_exports_end_to_end(exported: Path, ddp_run: Path) -> None:
