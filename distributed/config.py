@@ -42,6 +42,8 @@ class TrainConfig:
     eval_batch_size: int = _opt(2000, "batch size for validation and test evaluation")
     overfit_batches: int = _opt(0, "debug: train and evaluate on the first N batches only (loss should go to ~0)")
     log_every: int = _opt(20, "log train loss and lr to TensorBoard every N steps")
+    checkpoint_every_steps: int = _opt(0, "also save last.pt every N steps inside an epoch, so a killed worker "
+                                          "loses at most N steps (0: at epoch ends only)")
     resume: bool | None = _opt(None, "--resume: continue from RUN_DIR/checkpoints/last.pt (error if absent); "
                                      "--no-resume: start over; default: resume when last.pt exists",
                                action=argparse.BooleanOptionalAction)
@@ -92,6 +94,6 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     for name in ("epochs", "batch_size", "eval_batch_size", "log_every"):
         if getattr(cfg, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    if cfg.val_size < 0 or cfg.overfit_batches < 0:
-        parser.error("--val-size and --overfit-batches must not be negative")
+    if min(cfg.val_size, cfg.overfit_batches, cfg.checkpoint_every_steps) < 0:
+        parser.error("--val-size, --overfit-batches and --checkpoint-every-steps must not be negative")
     return cfg

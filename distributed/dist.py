@@ -65,8 +65,20 @@ def setup(device_flag: str) -> DistEnv:
         torch.set_num_threads(cpu_threads_per_rank(local_world_size))
     if "RANK" in os.environ and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+        dist.init_process_group(backend, store=attempt_store(), rank=rank, world_size=world_size,
+                                device_id=device if device.type == "cuda" else None)
     return DistEnv(rank, local_rank, world_size, local_world_size, device)
+
+
+def attempt_store() -> dist.Store:
+    """torchrun's store, with one key namespace per restart attempt.
+
+    After `torchrun --max-restarts` restarts the workers, the previous attempt's keys are still in the
+    agent's store (seen with torch 2.15): a restarted gloo rank reads its dead peer's address, connects
+    to it and hangs in connectFullMesh. Prefixing by the restart count gives every attempt fresh keys.
+    """
+    store, _, _ = next(dist.rendezvous("env://"))
+    return dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def teardown() -> None:

@@ -13,7 +13,7 @@ from torch import nn
 from .data import Split
 from .dist import DistEnv, all_reduce_sum
 
-StepHook = Callable[[int, torch.Tensor], None]  # (global step, detached loss) after each step
+StepHook = Callable[[int, torch.Tensor], bool]  # (global step, detached loss) -> stop now?
 
 
 def amp_dtype(flag: str, device: torch.device) -> torch.dtype | None:
@@ -45,6 +45,7 @@ def synchronize(device: torch.device) -> None:
 class EpochStats:
     loss: float  # mean training loss over this rank's batches
     steps: int
+    stopped: bool  # the step hook asked to stop before the epoch's end
     images: int  # this rank's images
     seconds: float  # wall time of the training steps alone
 
@@ -57,6 +58,7 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
     model.train()
     loss_sum = torch.zeros((), device=device)
     steps = images = 0
+    stopped = False
     synchronize(device)
     start = time.perf_counter()
     for index in batches:
@@ -72,11 +74,12 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
         loss_sum += loss.detach()
         steps += 1
         images += len(index)
-        if on_step is not None:
-            on_step(first_step + steps, loss.detach())
+        if on_step is not None and on_step(first_step + steps, loss.detach()):
+            stopped = True
+            break
     synchronize(device)
     seconds = time.perf_counter() - start
-    return EpochStats(loss_sum.item() / max(steps, 1), steps, images, seconds)
+    return EpochStats(loss_sum.item() / max(steps, 1), steps, stopped, images, seconds)
 
 
 @dataclass(frozen=True)

@@ -1,13 +1,17 @@
 """Entry point: `torchrun --nproc_per_node=N -m distributed.train` (or plain `python -m distributed.train`).
 
 args -> process group -> data on device -> model (DDP) -> epochs of train/eval -> checkpoints and metrics.
-Rank-0-only side effects (files, TensorBoard, console) are all made from `fit` under `env.is_main`.
+Rank-0-only side effects (files, TensorBoard, console) are all made in `Trainer` under `env.is_main`.
+A restarted worker (torchrun --max-restarts) finds RUN_DIR/checkpoints/last.pt and carries on from it.
 """
 from __future__ import annotations
 
+import itertools
 import os
+import signal
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,11 +23,39 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from . import checkpoint, dist
 from .config import TrainConfig, parse_args
 from .data import TASKS, DataError, Split, Task, epoch_batches, eval_shard, load_splits, make_sampler, steps_per_epoch
-from .engine import EvalResult, amp_dtype, evaluate, make_scaler, train_one_epoch
+from .engine import EpochStats, EvalResult, amp_dtype, evaluate, make_scaler, train_one_epoch
 from .models import build_model
 from .tb import NullLogger, open_logger
 
 GRID_IMAGES = 32
+STOP_CHECK_EVERY = 10  # steps between the ranks' agreement on a pending SIGTERM (a collective)
+EXIT_PREEMPTED = 128 + signal.SIGTERM
+
+
+class Preempted(Exception):
+    """A stop signal arrived; a checkpoint was saved and the run can resume."""
+
+
+@dataclass
+class StopRequest:
+    """Set by the signal handler, read by the training loop: SLURM and Kubernetes stop jobs with SIGTERM."""
+    signal: int | None = None
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        self.signal = signum
+
+
+@dataclass
+class RunState:
+    """What survives a restart besides the weights and optimiser: kept in every checkpoint."""
+    epoch: int = 0  # epochs completed
+    step: int = 0  # optimiser steps completed
+    batch_in_epoch: int = 0  # batches of epoch `epoch` already done (mid-epoch checkpoints)
+    train_seconds: float = 0.0
+    train_images: int = 0
+    best_val_accuracy: float = -1.0
+    best_epoch: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
 
 
 def build_optimizer(cfg: TrainConfig, params: Any) -> torch.optim.Optimizer:
@@ -46,18 +78,6 @@ def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer,
     return None
 
 
-@dataclass
-class RunState:
-    """What survives a restart besides the weights and optimiser: kept in every checkpoint."""
-    epoch: int = 0  # epochs completed
-    step: int = 0  # optimiser steps completed
-    train_seconds: float = 0.0
-    train_images: int = 0
-    best_val_accuracy: float = -1.0
-    best_epoch: int = 0
-    history: list[dict[str, float]] = field(default_factory=list)
-
-
 def load_data(cfg: TrainConfig, task: Task, env: dist.DistEnv) -> tuple[Split, Split, Split]:
     """Local rank 0 downloads/extracts first; the others wait, then read the same files."""
     splits, error = None, None
@@ -67,7 +87,7 @@ def load_data(cfg: TrainConfig, task: Task, env: dist.DistEnv) -> tuple[Split, S
         except DataError as e:
             error = e
     if not dist.all_ok(error is None, env):
-        raise error or DataError(f"MNIST could not be prepared in {cfg.data_dir} (see rank 0's error)")
+        raise error or DataError(f"MNIST could not be prepared in {cfg.data_dir} (see local rank 0's error)")
     if splits is None:
         splits = load_splits(cfg.data_dir, task, cfg.val_size, cfg.seed, env.device)
     train, val, test = splits
@@ -93,141 +113,213 @@ def resume_state(cfg: TrainConfig, last: Path) -> dict[str, Any] | None:
     return state
 
 
-def make_step_hook(logger: NullLogger, optimizer: torch.optim.Optimizer, log_every: int,
-                   epoch: int, steps_this_epoch: int, first_step: int):
-    show_progress = sys.stderr.isatty()
+class Trainer:
+    """The model, optimiser and progress of one run: everything a checkpoint captures."""
 
-    def on_step(step: int, loss: torch.Tensor) -> None:
-        if step % log_every == 0:
-            value = loss.item()
-            logger.scalar("train/loss", value, step)
-            logger.scalar("train/lr", optimizer.param_groups[0]["lr"], step)
-            if show_progress:
-                done = step - first_step
-                print(f"\repoch {epoch} [{done}/{steps_this_epoch}] loss {value:.4f}",
-                      end="", file=sys.stderr, flush=True)
-    return on_step
+    def __init__(self, cfg: TrainConfig, env: dist.DistEnv, stop: StopRequest) -> None:
+        self.cfg, self.env, self.stop = cfg, env, stop
+        self.task = TASKS[cfg.task]
+        self.run_dir = Path(cfg.run_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        state = resume_state(cfg, self.ckpt_dir / "last.pt")
+        self.train, self.val, self.test = load_data(cfg, self.task, env)
+        self.dtype = amp_dtype(cfg.amp, env.device)
 
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank (DDP also broadcasts rank 0's)
+        self.model = build_model(cfg.model, self.task.num_classes).to(env.device)
+        if state is not None:
+            self.model.load_state_dict(state["model"])
+        self.net: nn.Module = self.model if env.world_size == 1 else \
+            DDP(self.model, device_ids=[env.device] if env.device.type == "cuda" else None)
+        torch.manual_seed(cfg.seed + env.rank)  # ranks drop out different units
 
-def fit(cfg: TrainConfig, env: dist.DistEnv, stop_after_epoch: int | None = None) -> dict[str, Any]:
-    """Train to cfg.epochs (resuming if asked); returns the final metrics. `stop_after_epoch` simulates preemption."""
-    task = TASKS[cfg.task]
-    run_dir = Path(cfg.run_dir)
-    ckpt_dir = run_dir / "checkpoints"
-    state = resume_state(cfg, ckpt_dir / "last.pt")
-    train, val, test = load_data(cfg, task, env)
-    dtype = amp_dtype(cfg.amp, env.device)
-
-    torch.manual_seed(cfg.seed)  # identical initial weights on every rank (DDP also broadcasts rank 0's)
-    model = build_model(cfg.model, task.num_classes).to(env.device)
-    if state is not None:
-        model.load_state_dict(state["model"])
-    net: nn.Module = DDP(model, device_ids=[env.device] if env.device.type == "cuda" else None) \
-        if env.world_size > 1 else model
-    torch.manual_seed(cfg.seed + env.rank)  # ranks drop out different units
-
-    sampler = make_sampler(len(train), env.rank, env.world_size, cfg.seed, shuffle=not cfg.overfit_batches)
-    steps_each_epoch = steps_per_epoch(sampler, cfg.batch_size)
-    optimizer = build_optimizer(cfg, model.parameters())
-    scheduler = build_scheduler(cfg, optimizer, steps_each_epoch)
-    scaler = make_scaler(env.device, dtype)
-    run = RunState()
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        if scheduler is not None and state.get("scheduler"):
-            scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        run = RunState(**state["run"])
-        rng = state["rng"]
-        if len(rng) == env.world_size:
-            checkpoint.set_rng_state(rng[env.rank], env.device)
-
-    logger = open_logger(env, run_dir, purge_step=run.step + 1 if state is not None else None)
-    if env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        checkpoint.write_json(run_dir / "config.json", cfg.to_dict())
-        if state is None:
-            logger.graph(model, test.batch(torch.arange(min(2, len(test)), device=env.device))[0])
-        else:
-            print(f"resumed from {ckpt_dir / 'last.pt'} at epoch {run.epoch}, step {run.step}")
-
-    test_shard = eval_shard(len(test), env.rank, env.world_size, env.device)
-    val_shard = eval_shard(len(val), env.rank, env.world_size, env.device)
-    score = lambda split, shard: evaluate(net.module if isinstance(net, DDP) else net, split, shard,  # noqa: E731
-                                          cfg.eval_batch_size, task.num_classes, dtype, env)
-    test_result: EvalResult | None = None
-    val_result: EvalResult | None = None
-    try:
-        for epoch in range(run.epoch, cfg.epochs):
-            hook = make_step_hook(logger, optimizer, cfg.log_every, epoch + 1, steps_each_epoch, run.step) \
-                if env.is_main else None
-            stats = train_one_epoch(net, optimizer, scheduler, scaler, train,
-                                    epoch_batches(sampler, epoch, cfg.batch_size, env.device),
-                                    dtype, env.device, run.step, hook)
-            images = int(dist.all_reduce_sum(torch.tensor([stats.images], device=env.device), env).item())
-            val_result = score(val, val_shard) if len(val) else None
-            test_result = score(test, test_shard)
-            run.epoch, run.step = epoch + 1, run.step + stats.steps
-            run.train_seconds += stats.seconds
-            run.train_images += images
-            is_best = val_result is None or val_result.accuracy > run.best_val_accuracy
-            if is_best:
-                run.best_val_accuracy = val_result.accuracy if val_result else test_result.accuracy
-                run.best_epoch = run.epoch
-            record = {"epoch": run.epoch, "step": run.step, "train_loss": stats.loss,
-                      "test_loss": test_result.loss, "test_accuracy": test_result.accuracy,
-                      "images_per_second": images / stats.seconds, "epoch_seconds": stats.seconds}
-            if val_result is not None:
-                record.update(val_loss=val_result.loss, val_accuracy=val_result.accuracy)
-            run.history.append(record)
-            rng = dist.all_gather_objects(checkpoint.rng_state(env.device), env)  # collective: every rank
-            if env.is_main:
-                ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict() if scheduler else None,
-                        "scaler": scaler.state_dict(), "epoch": run.epoch, "step": run.step,
-                        "config": cfg.to_dict(), "classes": list(task.classes),
-                        "metrics": record, "rng": rng, "run": vars(run)}
-                checkpoint.save(ckpt_dir / "last.pt", ckpt)
-                if is_best:
-                    checkpoint.save(ckpt_dir / "best.pt", ckpt)
-                log_epoch(logger, record, test, test_result, net, task, env)
-                print(epoch_line(record, cfg.epochs), flush=True)
-            if stop_after_epoch is not None and run.epoch >= stop_after_epoch:
-                break
-        if test_result is None:  # resumed a finished run: score the weights we have
-            val_result = score(val, val_shard) if len(val) else None
-            test_result = score(test, test_shard)
-        fingerprints = dist.all_gather_objects(dist.weights_fingerprint(model), env)
-        metrics = final_metrics(cfg, env, task, run, test_result, val_result, fingerprints)
+        self.sampler = make_sampler(len(self.train), env.rank, env.world_size, cfg.seed,
+                                    shuffle=not cfg.overfit_batches)
+        self.steps_each_epoch = steps_per_epoch(self.sampler, cfg.batch_size)
+        self.optimizer = build_optimizer(cfg, self.model.parameters())
+        self.scheduler = build_scheduler(cfg, self.optimizer, self.steps_each_epoch)
+        self.scaler = make_scaler(env.device, self.dtype)
+        self.run = RunState()
+        self.record: dict[str, float] = {}
+        if state is not None:
+            self._restore(state)
+        self.test_shard = eval_shard(len(self.test), env.rank, env.world_size, env.device)
+        self.val_shard = eval_shard(len(self.val), env.rank, env.world_size, env.device)
+        # purge_step drops TensorBoard events a killed run wrote after its last checkpoint: steps never rewind.
+        self.logger = open_logger(env, self.run_dir, purge_step=self.run.step + 1 if state is not None else None)
         if env.is_main:
-            checkpoint.write_json(run_dir / "metrics.json", metrics)
-            logger.hparams({k: v for k, v in cfg.to_dict().items() if v is not None} | {"world_size": env.world_size},
-                           {"hparam/test_accuracy": metrics["test_accuracy"],
-                            "hparam/val_accuracy": metrics["val_accuracy"],
-                            "hparam/train_seconds": metrics["train_seconds"]})
+            self._start_run_dir(resumed=state is not None)
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.run = RunState(**state["run"])
+        self.record = dict(state.get("metrics") or {})
+        saved = state["config"]
+        same_shape = (state.get("world_size") == self.env.world_size and saved.get("epochs") == self.cfg.epochs
+                      and saved.get("batch_size") == self.cfg.batch_size)
+        if same_shape:
+            if self.scheduler is not None and state.get("scheduler"):
+                self.scheduler.load_state_dict(state["scheduler"])
+            checkpoint.set_rng_state(state["rng"][self.env.rank], self.env.device)
+            return
+        # Elastic restart with another world size (or new --epochs/--batch-size): the shards and the step
+        # count per epoch changed, so restart the current epoch and re-fit the schedule to the new length.
+        self.run.batch_in_epoch = 0
+        if self.scheduler is not None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # stepping a scheduler without optimiser steps warns
+                for _ in range(self.run.epoch * self.steps_each_epoch):
+                    self.scheduler.step()
+        if self.env.is_main:
+            print(f"resuming with world size {self.env.world_size}, --epochs {self.cfg.epochs}, --batch-size "
+                  f"{self.cfg.batch_size} (checkpoint: {state.get('world_size')}, {saved.get('epochs')}, "
+                  f"{saved.get('batch_size')}): epoch {self.run.epoch + 1} restarts, schedule re-fitted", flush=True)
+
+    def _start_run_dir(self, resumed: bool) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        for stale in self.ckpt_dir.glob(".*.tmp*"):  # a save killed half-way left its temp file
+            stale.unlink(missing_ok=True)
+        checkpoint.write_json(self.run_dir / "config.json", self.cfg.to_dict())
+        if resumed:
+            where = f"epoch {self.run.epoch}" + (f" + {self.run.batch_in_epoch} batches" if self.run.batch_in_epoch else "")
+            print(f"resumed from {self.ckpt_dir / 'last.pt'} at {where}, step {self.run.step}", flush=True)
+        else:
+            self.logger.graph(self.model, self.test.batch(torch.arange(min(2, len(self.test)),
+                                                                       device=self.env.device))[0])
+
+    # -- checkpoints ---------------------------------------------------------------------------------
+    def save_checkpoint(self, best: bool = False) -> None:
+        """Collective (RNG states of every rank), then rank 0 writes atomically."""
+        rng = dist.all_gather_objects(checkpoint.rng_state(self.env.device), self.env)
+        if not self.env.is_main:
+            return
+        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict() if self.scheduler else None,
+                 "scaler": self.scaler.state_dict(), "epoch": self.run.epoch, "step": self.run.step,
+                 "world_size": self.env.world_size,
+                 "config": self.cfg.to_dict(), "classes": list(self.task.classes),
+                 "metrics": self.record, "rng": rng, "run": vars(self.run)}
+        checkpoint.save(self.ckpt_dir / "last.pt", state)
+        if best:
+            checkpoint.save(self.ckpt_dir / "best.pt", state)
+
+    # -- the loop ----------------------------------------------------------------------------------
+    def on_step(self, step: int, loss: torch.Tensor) -> bool:
+        """After every optimiser step, on every rank; True stops the epoch (after a checkpoint)."""
+        self.run.step = step
+        self.run.batch_in_epoch += 1
+        if self.env.is_main and step % self.cfg.log_every == 0:
+            value = loss.item()
+            self.logger.scalar("train/loss", value, step)
+            self.logger.scalar("train/lr", self.optimizer.param_groups[0]["lr"], step)
+            if sys.stderr.isatty():
+                print(f"\repoch {self.run.epoch + 1} [{self.run.batch_in_epoch}/{self.steps_each_epoch}] "
+                      f"loss {value:.4f}", end="", file=sys.stderr, flush=True)
+        stopping = step % STOP_CHECK_EVERY == 0 and self.stop_agreed()
+        every = self.cfg.checkpoint_every_steps
+        if stopping or (every and step % every == 0 and self.run.batch_in_epoch < self.steps_each_epoch):
+            self.save_checkpoint()
+        return stopping
+
+    def stop_agreed(self) -> bool:
+        """Every rank must stop at the same step, or the others would wait forever in the next all-reduce."""
+        return not dist.all_ok(self.stop.signal is None, self.env)
+
+    def score(self, split: Split, shard: torch.Tensor) -> EvalResult:
+        return evaluate(self.model, split, shard, self.cfg.eval_batch_size, self.task.num_classes,
+                        self.dtype, self.env)
+
+    def train_epoch(self) -> EpochStats:
+        batches = epoch_batches(self.sampler, self.run.epoch, self.cfg.batch_size, self.env.device)
+        batches = itertools.islice(batches, self.run.batch_in_epoch, None)  # resuming mid-epoch
+        stats = train_one_epoch(self.net, self.optimizer, self.scheduler, self.scaler, self.train, batches,
+                                self.dtype, self.env.device, self.run.step, self.on_step)
+        images = dist.all_reduce_sum(torch.tensor([stats.images], device=self.env.device), self.env)
+        self.run.train_seconds += stats.seconds
+        self.run.train_images += int(images.item())
+        return stats
+
+    def fit(self, stop_after_epoch: int | None = None) -> dict[str, Any]:
+        """Train to cfg.epochs; returns the final metrics. `stop_after_epoch` stops early, as a preemption would."""
+        test_result = val_result = None
+        try:
+            while self.run.epoch < self.cfg.epochs:
+                images_before, seconds_before = self.run.train_images, self.run.train_seconds
+                stats = self.train_epoch()
+                if stats.stopped:
+                    raise Preempted(self.preempted_message())
+                val_result = self.score(self.val, self.val_shard) if len(self.val) else None
+                test_result = self.score(self.test, self.test_shard)
+                self.end_epoch(stats, test_result, val_result, self.run.train_images - images_before,
+                               self.run.train_seconds - seconds_before)
+                if stop_after_epoch is not None and self.run.epoch >= stop_after_epoch:
+                    break
+                if self.stop_agreed():
+                    raise Preempted(self.preempted_message())
+            if test_result is None:  # resumed a finished run: score the weights we have
+                val_result = self.score(self.val, self.val_shard) if len(self.val) else None
+                test_result = self.score(self.test, self.test_shard)
+            return self.finish(test_result, val_result)
+        finally:
+            self.logger.close()
+
+    def preempted_message(self) -> str:
+        return (f"stopped by signal {self.stop.signal} at epoch {self.run.epoch + 1}, step {self.run.step}; "
+                f"checkpoint saved in {self.ckpt_dir}: run the same command again to resume")
+
+    def end_epoch(self, stats: EpochStats, test: EvalResult, val: EvalResult | None, images: int,
+                  seconds: float) -> None:
+        run = self.run
+        run.epoch, run.batch_in_epoch = run.epoch + 1, 0
+        is_best = val is None or val.accuracy > run.best_val_accuracy
+        if is_best:
+            run.best_val_accuracy, run.best_epoch = (val or test).accuracy, run.epoch
+        self.record = {"epoch": run.epoch, "step": run.step, "train_loss": stats.loss,
+                       "test_loss": test.loss, "test_accuracy": test.accuracy,
+                       "images_per_second": images / seconds, "epoch_seconds": seconds}
+        if val is not None:
+            self.record.update(val_loss=val.loss, val_accuracy=val.accuracy)
+        run.history.append(self.record)
+        self.save_checkpoint(best=is_best)
+        if self.env.is_main:
+            self.log_epoch(test)
+            if sys.stderr.isatty():
+                print("\r\033[K", end="", file=sys.stderr)
+            print(epoch_line(self.record, self.cfg.epochs), flush=True)
+
+    def log_epoch(self, result: EvalResult) -> None:
+        step, logger = self.run.step, self.logger
+        for key in ("test_loss", "test_accuracy", "val_loss", "val_accuracy"):
+            if key in self.record:
+                logger.scalar(key.replace("_", "/", 1), self.record[key], step)
+        logger.scalar("perf/images_per_second", self.record["images_per_second"], step)
+        logger.scalar("perf/epoch_seconds", self.record["epoch_seconds"], step)
+        index = torch.arange(min(GRID_IMAGES, len(self.test)), device=self.env.device)
+        with torch.inference_mode():
+            self.model.eval()
+            x, y = self.test.batch(index)
+            predicted = self.model(x).argmax(1)
+            self.model.train()
+        logger.predictions(self.test.images[index], predicted, y, self.task.classes, step)
+        logger.confusion(result.confusion, self.task.classes, step)
+
+    def finish(self, test: EvalResult, val: EvalResult | None) -> dict[str, Any]:
+        fingerprints = dist.all_gather_objects(dist.weights_fingerprint(self.model), self.env)
+        metrics = final_metrics(self.cfg, self.env, self.task, self.run, test, val, fingerprints)
+        if self.env.is_main:
+            checkpoint.write_json(self.run_dir / "metrics.json", metrics)
+            hparams = {k: v for k, v in self.cfg.to_dict().items() if v is not None}
+            self.logger.hparams(hparams | {"world_size": self.env.world_size},
+                                {"hparam/test_accuracy": metrics["test_accuracy"],
+                                 "hparam/val_accuracy": metrics["val_accuracy"] or 0.0,
+                                 "hparam/train_seconds": metrics["train_seconds"]})
         return metrics
-    finally:
-        logger.close()
 
 
-def log_epoch(logger: NullLogger, record: dict[str, float], test: Split, result: EvalResult,
-              net: nn.Module, task: Task, env: dist.DistEnv) -> None:
-    step = int(record["step"])
-    for key in ("test_loss", "test_accuracy", "val_loss", "val_accuracy"):
-        if key in record:
-            logger.scalar(key.replace("_", "/", 1), record[key], step)
-    logger.scalar("perf/images_per_second", record["images_per_second"], step)
-    logger.scalar("perf/epoch_seconds", record["epoch_seconds"], step)
-    index = torch.arange(min(GRID_IMAGES, len(test)), device=env.device)
-    model = net.module if isinstance(net, DDP) else net
-    with torch.inference_mode():
-        was_training = model.training
-        model.eval()
-        x, y = test.batch(index)
-        predicted = model(x).argmax(1)
-        model.train(was_training)
-    logger.predictions(test.images[index], predicted, y, task.classes, step)
-    logger.confusion(result.confusion, task.classes, step)
+def fit(cfg: TrainConfig, env: dist.DistEnv, stop_after_epoch: int | None = None,
+        stop: StopRequest | None = None) -> dict[str, Any]:
+    return Trainer(cfg, env, stop or StopRequest()).fit(stop_after_epoch)
 
 
 def epoch_line(record: dict[str, float], epochs: int) -> str:
@@ -255,16 +347,25 @@ def final_metrics(cfg: TrainConfig, env: dist.DistEnv, task: Task, run: RunState
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     start = time.perf_counter()
+    stop = StopRequest()
+    previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGTERM, signal.SIGINT)}
     try:
         env = dist.setup(cfg.device)
         try:
-            metrics = fit(cfg, env)
+            metrics = fit(cfg, env, stop=stop)
         finally:
             dist.teardown()
+    except Preempted as e:
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(str(e), file=sys.stderr, flush=True)
+        return EXIT_PREEMPTED
     except (DataError, checkpoint.CheckpointError, dist.LaunchError) as e:
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"error: {e}", file=sys.stderr)
         return 1
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     if env.is_main:
         print(f"done: test accuracy {metrics['test_accuracy']:.2%} after {metrics['epochs']} epoch(s), "
               f"{metrics['train_seconds']:.1f}s training ({metrics['train_images_per_second']:,.0f} img/s, "

@@ -1,15 +1,36 @@
 #!/usr/bin/env bash
-# Fresh clone -> .venv -> training on every GPU of this machine (or the CPU).
-# Arguments go to the trainer: launch/run.sh --task binary --epochs 3 --data-dir data
+# The main job, from a fresh clone: .venv -> train on every GPU (or the CPU) -> export with the parity
+# gate -> verify -> predict the sample digits. Arguments go to the trainer, e.g.
+#   launch/run.sh --task binary --epochs 3 --data-dir data --run-dir runs/binary
+# Env: NPROC (processes; default every GPU, else up to 4 CPU ranks), MAX_RESTARTS (default 0).
+# Rerunning is cheap: training resumes from RUN_DIR/checkpoints/last.pt, the export is replaced.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
 cd "$ROOT"
-gpus=$(python -c 'import torch; print(torch.cuda.device_count())')
-if (( gpus > 0 )); then
-  nproc=$gpus
-else  # CPU: a few gloo ranks, the cores split between them by the trainer
-  cores=$(nproc)
-  nproc=$(( cores < 4 ? cores : 4 ))
-fi
-echo "training with $nproc process(es) ($([[ $gpus -gt 0 ]] && echo "$gpus GPU(s)" || echo CPU))" >&2
-exec torchrun --standalone --nproc_per_node="$nproc" -m distributed.train "$@"
+
+task=digits run_dir=""
+args=("$@")
+for ((i = 0; i < ${#args[@]}; i++)); do
+  case "${args[i]}" in
+    --task) task="${args[i + 1]:-}" ;;
+    --task=*) task="${args[i]#*=}" ;;
+    --run-dir) run_dir="${args[i + 1]:-}" ;;
+    --run-dir=*) run_dir="${args[i]#*=}" ;;
+  esac
+done
+run_dir="${run_dir:-runs/$task}"
+nproc="${NPROC:-$(default_nproc)}"
+
+step() { echo "==> $*" >&2; }
+fail() { echo "run.sh: $1 failed (exit $2): see the error above; rerun after fixing it" >&2; exit "$2"; }
+
+step "train: torchrun with $nproc process(es), run dir $run_dir"
+torchrun --standalone --nproc-per-node="$nproc" --max-restarts="${MAX_RESTARTS:-0}" \
+  -m distributed.train "$@" || fail "training" $?
+step "export: $run_dir/checkpoints/best.pt -> $run_dir/export"
+python -m export --run-dir "$run_dir" || fail "export" $?
+step "verify: $run_dir/export"
+python -m export --verify "$run_dir/export" || fail "verify" $?
+step "predict: launch/samples"
+serve_cli predict launch/samples --model "$run_dir/export" || fail "predict" $?
+step "done: tensorboard --logdir $run_dir ; serve_cli predict YOUR_IMAGES/ --model $run_dir/export"

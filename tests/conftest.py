@@ -70,9 +70,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(nproc: int, *args: str) -> list[str]:
+def torchrun(nproc: int, *args: str, launcher: tuple[str, ...] = ()) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            "-m", "distributed.train", *args]
+            *launcher, "-m", "distributed.train", *args]
 
 
 @pytest.fixture(scope="session")

@@ -170,3 +170,34 @@ def test_corrupt_checkpoint_is_one_clear_error(synthetic_data, tmp_path: Path, c
 def test_resume_without_checkpoint_is_an_error(synthetic_data, tmp_path: Path, capsys) -> None:
     assert main(args(synthetic_data, tmp_path, "--resume")) == 1
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_stop_mid_epoch_then_resume_matches_uninterrupted(synthetic_data, tmp_path: Path) -> None:
+    """SIGTERM's path in-process: stop at step 10 of 36, checkpoint mid-epoch, resume, same final weights."""
+    from distributed.train import Preempted, StopRequest
+    extra = ("--batch-size", "16", "--epochs", "1", "--run-dir")
+    assert main(args(synthetic_data, tmp_path / "a", *extra, str(tmp_path / "a"))) == 0
+    cfg = parse_args(args(synthetic_data, tmp_path / "b", *extra, str(tmp_path / "b")))
+    with pytest.raises(Preempted, match="stopped by signal 15 at epoch 1, step 10"):
+        fit(cfg, dist.setup("cpu"), stop=StopRequest(signal=15))
+    state = checkpoint.load(tmp_path / "b" / "checkpoints" / "last.pt")
+    assert (state["epoch"], state["step"], state["run"]["batch_in_epoch"]) == (0, 10, 10)
+    assert main(args(synthetic_data, tmp_path / "b", *extra, str(tmp_path / "b"))) == 0
+    a, b = final_weights(tmp_path / "a"), final_weights(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((tmp_path / "b" / "metrics.json").read_text())["steps"] == 36
+
+
+def test_checkpoint_every_steps_saves_mid_epoch(synthetic_data, tmp_path: Path) -> None:
+    cfg = parse_args(args(synthetic_data, tmp_path, "--batch-size", "16", "--checkpoint-every-steps", "7"))
+    fit(cfg, dist.setup("cpu"), stop_after_epoch=1)
+    # the mid-epoch saves at steps 7..35 were followed by the epoch-end save at step 36
+    assert checkpoint.load(tmp_path / "checkpoints" / "last.pt")["step"] == 36
+
+
+def test_resume_with_more_epochs_refits_the_schedule(synthetic_data, tmp_path: Path, capsys) -> None:
+    assert main(args(synthetic_data, tmp_path, "--epochs", "1")) == 0
+    assert main(args(synthetic_data, tmp_path, "--epochs", "3")) == 0  # OneCycle of 1 epoch cannot just go on
+    assert "schedule re-fitted" in capsys.readouterr().out
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["epochs"] == 3 and [h["epoch"] for h in metrics["history"]] == [1, 2, 3]

@@ -1,0 +1,173 @@
+"""launch/: killed workers, SIGTERM, two nodes on one machine, and run.sh end to end (CPU, gloo, loopback)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import ROOT, free_port, torchrun, write_synthetic_mnist
+from distributed import checkpoint
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def bigger_data(tmp_path_factory) -> Path:
+    """Enough images that an epoch lasts long enough to kill a worker inside it."""
+    return write_synthetic_mnist(tmp_path_factory.mktemp("bigger"), n_train=3064, n_test=200)
+
+
+def script_env(**extra: str) -> dict[str, str]:
+    """launch/ scripts on the interpreter running the tests, without building another venv."""
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+    return {**os.environ, "SKIP_SETUP": "1", "PATH": path, **extra}
+
+
+def train_args(data: Path, run_dir: Path, *extra: str) -> list[str]:
+    return ["--data-dir", str(data), "--run-dir", str(run_dir), "--val-size", "64", "--batch-size", "16",
+            "--epochs", "3", "--log-every", "5", *extra]
+
+
+def wait_for_step(last: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> int:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, "training ended before it could be interrupted"
+        if last.exists():
+            reached = checkpoint.load(last)["step"]
+            if reached >= step:
+                return reached
+        time.sleep(0.05)
+    raise AssertionError(f"no checkpoint at step {step} within {timeout}s")
+
+
+def worker_pid(agent: int, rank: int) -> int:
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError):
+            continue
+        if ppid == agent and f"RANK={rank}".encode() in environ:
+            return int(entry.name)
+    raise AssertionError(f"no rank {rank} worker under torchrun {agent}")
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return checkpoint.load(run_dir / "checkpoints" / "last.pt")["model"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(bigger_data, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("uninterrupted")
+    proc = subprocess.run(torchrun(2, *train_args(bigger_data, run_dir)), cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir
+
+
+def test_killed_worker_is_restarted_and_resumes(bigger_data, uninterrupted: Path, tmp_path: Path) -> None:
+    cmd = torchrun(2, *train_args(bigger_data, tmp_path, "--checkpoint-every-steps", "5"),
+                   launcher=("--max-restarts=2",))
+    log = (tmp_path / "log.txt").open("w")
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for_step(tmp_path / "checkpoints" / "last.pt", 120, proc)  # well inside epoch 2 of 3
+        os.kill(worker_pid(proc.pid, 0), signal.SIGKILL)  # rank 0: the one that writes checkpoints
+        assert proc.wait(timeout=300) == 0
+    finally:
+        proc.kill()
+        log.close()
+    output = (tmp_path / "log.txt").read_text()
+    assert "resumed from" in output, output[-3000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert [h["epoch"] for h in metrics["history"]] == [1, 2, 3]
+    steps = [e.step for e in EventAccumulator(str(tmp_path)).Reload().Scalars("train/loss")]
+    assert steps == sorted(set(steps)) == list(range(5, metrics["steps"] + 1, 5))  # none duplicated, rewound, lost
+    for name in ("last.pt", "best.pt"):
+        checkpoint.load(tmp_path / "checkpoints" / name)
+    assert not list((tmp_path / "checkpoints").glob(".*"))  # the killed save's temp file was cleaned up
+    a, b = weights(uninterrupted), weights(tmp_path)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # mid-epoch resume is exact: data order, RNG, optimiser
+
+
+def test_checkpoint_survives_kill_during_save(tmp_path: Path) -> None:
+    path = tmp_path / "last.pt"
+    writer = ("import sys, torch; from pathlib import Path; from distributed import checkpoint\n"
+              "big = {'w': torch.randn(4_000_000)}\n"
+              "for i in range(10_000):\n"
+              "    checkpoint.save(Path(sys.argv[1]), {'model': big, 'config': {}, 'epoch': i})\n")
+    for delay in (0.3, 0.6, 0.9, 1.2):
+        proc = subprocess.Popen([sys.executable, "-c", writer, str(path)], cwd=ROOT)
+        time.sleep(delay + 2.5)  # past torch's import
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        if path.exists():
+            assert checkpoint.load(path)["model"]["w"].shape == (4_000_000,)
+    assert path.exists()
+
+
+def test_sigterm_saves_a_checkpoint_and_rerun_resumes(bigger_data, tmp_path: Path) -> None:
+    cmd = torchrun(2, *train_args(bigger_data, tmp_path))
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_step(tmp_path / "checkpoints" / "last.pt", 1, proc)  # epoch 1 done
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGTERM)  # what SLURM and Kubernetes send
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert "stopped by signal 15" in err and "run the same command again to resume" in err, err[-3000:]
+    stopped_at = checkpoint.load(tmp_path / "checkpoints" / "last.pt")
+    assert stopped_at["step"] > 92  # saved at the stop, not only at the end of epoch 1
+    rerun = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"step {stopped_at['step']}" in rerun.stdout
+    assert json.loads((tmp_path / "metrics.json").read_text())["epochs"] == 3
+
+
+def test_two_nodes_on_one_machine(synthetic_data, tmp_path: Path) -> None:
+    env = script_env(NNODES="2", NPROC_PER_NODE="1", RDZV_ENDPOINT=f"127.0.0.1:{free_port()}",
+                     RDZV_ID="two-nodes-test", MAX_RESTARTS="0")
+    args = ["bash", "launch/multinode.sh", "--data-dir", str(synthetic_data), "--run-dir", str(tmp_path),
+            "--val-size", "64", "--epochs", "1"]
+    nodes = [subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for _ in range(2)]
+    outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], "\n".join(o[-2000:] for o in outputs)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and len(set(metrics["replica_weight_sha256"])) == 1
+
+
+def test_run_sh_trains_exports_verifies_and_predicts(synthetic_data, tmp_path: Path) -> None:
+    proc = subprocess.run(["bash", "launch/run.sh", "--data-dir", str(synthetic_data), "--run-dir", str(tmp_path),
+                           "--val-size", "64", "--epochs", "1"], cwd=ROOT, env=script_env(NPROC="2"),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "verified" in proc.stdout and "launch/samples/mnist_7.png" in proc.stdout
+    assert (tmp_path / "export" / "manifest.json").is_file()
+    assert "13 images, 0 failed" in proc.stderr
+
+
+def test_run_sh_stops_at_the_first_failing_step(tmp_path: Path) -> None:
+    proc = subprocess.run(["bash", "launch/run.sh", "--data-dir", str(tmp_path / "none"), "--run-dir",
+                           str(tmp_path / "run")], cwd=ROOT, env=script_env(NPROC="1"),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "run.sh: training failed" in proc.stderr and "==> export" not in proc.stderr
+
+
+def test_scaling_recipes_use_torchrun_rendezvous() -> None:
+    for name in ("multinode.sh", "slurm.sbatch"):
+        text = (ROOT / "launch" / name).read_text()
+        assert "torchrun" in text and "--rdzv-backend=c10d" in text and "--rdzv-endpoint" in text
+        assert subprocess.run(["bash", "-n", str(ROOT / "launch" / name)]).returncode == 0
+    job = (ROOT / "launch" / "k8s" / "pytorchjob.yaml").read_text()
+    assert "kind: PyTorchJob" in job and "rdzvBackend: c10d" in job and "distributed.train" in job
