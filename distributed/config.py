@@ -38,6 +38,8 @@ class TrainConfig:
     val_size: int = _opt(5000, "training images held out for model selection (0: train on all 60,000)")
     amp: str = _opt("auto", "autocast: auto = bf16 on CUDA if supported, else fp16; off on CPU",
                     choices=["auto", "bf16", "fp16", "off"])
+    channels_last: bool = _opt(True, "keep conv weights in channels-last layout (2-3x faster on CPU via oneDNN, "
+                                     "and on CUDA tensor cores)", action=argparse.BooleanOptionalAction)
     device: str = _opt("auto", "auto: CUDA when available, else CPU (gloo)", choices=["auto", "cuda", "cpu"])
     eval_batch_size: int = _opt(2000, "batch size for validation and test evaluation")
     overfit_batches: int = _opt(0, "debug: train and evaluate on the first N batches only (loss should go to ~0)")

@@ -24,7 +24,7 @@ from . import checkpoint, dist
 from .config import TrainConfig, parse_args
 from .data import TASKS, DataError, Split, Task, epoch_batches, eval_shard, load_splits, make_sampler, steps_per_epoch
 from .engine import EpochStats, EvalResult, amp_dtype, evaluate, make_scaler, train_one_epoch
-from .models import build_model
+from .models import build_model, to_device
 from .tb import NullLogger, open_logger
 
 GRID_IMAGES = 32
@@ -126,7 +126,7 @@ class Trainer:
         self.dtype = amp_dtype(cfg.amp, env.device)
 
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank (DDP also broadcasts rank 0's)
-        self.model = build_model(cfg.model, self.task.num_classes).to(env.device)
+        self.model = to_device(build_model(cfg.model, self.task.num_classes), env.device, cfg.channels_last)
         if state is not None:
             self.model.load_state_dict(state["model"])
         self.net: nn.Module = self.model if env.world_size == 1 else \

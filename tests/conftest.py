@@ -1,6 +1,7 @@
 """Shared fixtures: tiny synthetic MNIST in IDX format, and the real dataset when it is present."""
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import struct
@@ -12,7 +13,8 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-REAL_MNIST_RAW = ROOT.parent / "shared" / "data" / "MNIST" / "raw"
+# Real MNIST for the tests that need it: $MNIST_DIR (a --data-dir), else where CI keeps it beside the checkout.
+REAL_MNIST_RAW = Path(os.environ.get("MNIST_DIR") or ROOT.parent / "shared" / "data") / "MNIST" / "raw"
 MNIST_GZ = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
             "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
 
@@ -82,7 +84,7 @@ def ddp_run(synthetic_data, tmp_path_factory) -> Path:
     proc = subprocess.run(torchrun(2, "--data-dir", str(synthetic_data), "--run-dir", str(run_dir),
                                    "--val-size", "64", "--epochs", "2", "--eval-batch-size", "48"),
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return run_dir
 
 

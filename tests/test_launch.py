@@ -71,7 +71,7 @@ def uninterrupted(bigger_data, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("uninterrupted")
     proc = subprocess.run(torchrun(2, *train_args(bigger_data, run_dir)), cwd=ROOT, capture_output=True,
                           text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return run_dir
 
 
@@ -128,7 +128,7 @@ def test_sigterm_saves_a_checkpoint_and_rerun_resumes(bigger_data, tmp_path: Pat
     stopped_at = checkpoint.load(tmp_path / "checkpoints" / "last.pt")
     assert stopped_at["step"] > 92  # saved at the stop, not only at the end of epoch 1
     rerun = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-3000:]
     assert f"step {stopped_at['step']}" in rerun.stdout
     assert json.loads((tmp_path / "metrics.json").read_text())["epochs"] == 3
 
@@ -150,7 +150,7 @@ def test_run_sh_trains_exports_verifies_and_predicts(synthetic_data, tmp_path: P
     proc = subprocess.run(["bash", "launch/run.sh", "--data-dir", str(synthetic_data), "--run-dir", str(tmp_path),
                            "--val-size", "64", "--epochs", "1"], cwd=ROOT, env=script_env(NPROC="2"),
                           capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "verified" in proc.stdout and "launch/samples/mnist_7.png" in proc.stdout
     assert (tmp_path / "export" / "manifest.json").is_file()
     assert "13 images, 0 failed" in proc.stderr

@@ -13,7 +13,7 @@ from distributed import checkpoint
 from distributed.data import TASKS, eval_shard, load_splits
 from distributed.dist import DistEnv
 from distributed.engine import evaluate
-from distributed.models import build_model
+from distributed.models import build_model, to_device
 
 pytestmark = pytest.mark.slow
 
@@ -30,9 +30,9 @@ def test_two_ranks_end_with_identical_weights(ddp_run: Path) -> None:
 
 def test_two_rank_eval_equals_single_process_eval(synthetic_data, ddp_run: Path) -> None:
     state = checkpoint.load(ddp_run / "checkpoints" / "last.pt")
-    model = build_model(state["config"]["model"], 10)
-    model.load_state_dict(state["model"])
     cpu = torch.device("cpu")
+    model = to_device(build_model(state["config"]["model"], 10), cpu, state["config"]["channels_last"])
+    model.load_state_dict(state["model"])
     _, _, test = load_splits(synthetic_data, TASKS["digits"], 64, 0, cpu)
     single = evaluate(model, test, eval_shard(len(test), 0, 1, cpu), 1000, 10, None, DistEnv(0, 0, 1, 1, cpu))
     metrics = json.loads((ddp_run / "metrics.json").read_text())
