@@ -17,6 +17,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 SIZE, BOX = 28, 20
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm", ".pbm",
                   ".pnm"}
+EXIF_FORMATS = {"JPEG", "MPO", "TIFF", "WEBP"}  # formats whose orientation tag is read at open
 MIN_CONTRAST = 0.08  # below this the picture holds no ink worth reading
 INK_LEVEL = 0.2  # share of full contrast that counts as ink for the bounding box
 
@@ -55,7 +56,9 @@ def load_digit(path: Path) -> np.ndarray:
                 raise ImageError(f"image too large ({img.width}x{img.height} pixels, limit "
                                  f"{Image.MAX_IMAGE_PIXELS:,})")
             img.seek(0)  # animated GIF/WebP/TIFF: the first frame
-            gray = to_gray(ImageOps.exif_transpose(img))
+            if img.format in EXIF_FORMATS or "exif" in img.info:  # asking other files costs a full decode
+                img = ImageOps.exif_transpose(img)
+            gray = to_gray(img)
     except ImageError:
         raise
     except Image.DecompressionBombError:
@@ -79,7 +82,9 @@ def to_gray(img: Image.Image) -> np.ndarray:
     if img.mode == "F":
         a = np.asarray(img, dtype=np.float32)
         return a / a.max() if a.max() > 1 else a
-    if img.mode in ("1", "L"):
+    if img.mode == "L":
+        return np.asarray(img, dtype=np.float32) / 255.0
+    if img.mode == "1":
         return np.asarray(img.convert("L"), dtype=np.float32) / 255.0
     if img.mode == "P" and "transparency" in img.info or img.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
         rgba = np.asarray(img.convert("RGBA"), dtype=np.float32) / 255.0
@@ -98,7 +103,9 @@ def _flatten_alpha(rgba: np.ndarray) -> np.ndarray:
 
 
 def _border(gray: np.ndarray) -> float:
-    return float(np.median(np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])))
+    """Median of the edge pixels: the background level, even where a stroke touches the edge."""
+    edge = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
+    return float(np.partition(edge, edge.size // 2)[edge.size // 2])  # np.median costs 5x more per call
 
 
 def mnistify(gray: np.ndarray) -> np.ndarray:
