@@ -34,6 +34,9 @@ class TrainConfig:
     weight_decay: float = _opt(0.0, "weight decay")
     schedule: str = _opt("onecycle", "learning-rate schedule, stepped every batch",
                          choices=["onecycle", "cosine", "step", "none"])
+    augment: bool = _opt(False, "random rotation (10 deg), scale (10%%) and shift (10%%) of every training "
+                                "image, on the device", action=argparse.BooleanOptionalAction)
+    label_smoothing: float = _opt(0.0, "cross-entropy label smoothing")
     seed: int = _opt(0, "seed for weights, shuffling, dropout and the validation split")
     val_size: int = _opt(5000, "training images held out for model selection (0: train on all 60,000)")
     amp: str = _opt("auto", "autocast: auto = bf16 on CUDA if supported, else fp16; off on CPU",

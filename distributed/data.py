@@ -50,8 +50,11 @@ class Split:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def batch(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return normalize(self.images[index]), self.labels[index]
+    def batch(self, index: torch.Tensor, augment: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.images[index].float().div_(255.0).unsqueeze(1)
+        if augment:  # before normalising, so that the padding is the background's 0
+            x = random_affine(x)
+        return (x - MEAN) / STD, self.labels[index]
 
     def subset(self, index: torch.Tensor) -> "Split":
         return Split(self.images[index], self.labels[index])
@@ -60,6 +63,18 @@ class Split:
 def normalize(images: torch.Tensor) -> torch.Tensor:
     """uint8 [N, 28, 28] -> float32 [N, 1, 28, 28], MNIST mean/std normalised."""
     return ((images.float() / 255.0 - MEAN) / STD).unsqueeze(1)
+
+
+def random_affine(x: torch.Tensor, degrees: float = 10.0, scale: float = 0.1, shift: float = 0.1) -> torch.Tensor:
+    """Each image rotated, scaled and shifted at random, on the device, in one grid_sample."""
+    n = x.shape[0]
+    angle = (torch.rand(n, device=x.device) * 2 - 1) * degrees * torch.pi / 180
+    zoom = 1 + (torch.rand(n, device=x.device) * 2 - 1) * scale
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+    offset = (torch.rand(n, 2, device=x.device) * 2 - 1) * shift * 2  # grid units span [-1, 1]
+    theta = torch.stack([torch.stack([cos, -sin, offset[:, 0]], 1), torch.stack([sin, cos, offset[:, 1]], 1)], 1)
+    grid = torch.nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
+    return torch.nn.functional.grid_sample(x, grid, align_corners=False, padding_mode="zeros")
 
 
 def read_mnist(root: str | Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]:

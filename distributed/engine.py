@@ -54,7 +54,8 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler | None,
                     scaler: torch.amp.GradScaler, split: Split, batches: Iterable[torch.Tensor],
                     dtype: torch.dtype | None, device: torch.device, first_step: int,
-                    on_step: StepHook | None = None) -> EpochStats:
+                    on_step: StepHook | None = None, augment: bool = False,
+                    label_smoothing: float = 0.0) -> EpochStats:
     model.train()
     loss_sum = torch.zeros((), device=device)
     steps = images = 0
@@ -62,9 +63,9 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
     synchronize(device)
     start = time.perf_counter()
     for index in batches:
-        x, y = split.batch(index)
+        x, y = split.batch(index, augment)
         with autocast(device, dtype):
-            loss = F.cross_entropy(model(x), y)
+            loss = F.cross_entropy(model(x), y, label_smoothing=label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)

@@ -234,7 +234,8 @@ class Trainer:
         batches = epoch_batches(self.sampler, self.run.epoch, self.cfg.batch_size, self.env.device)
         batches = itertools.islice(batches, self.run.batch_in_epoch, None)  # resuming mid-epoch
         stats = train_one_epoch(self.net, self.optimizer, self.scheduler, self.scaler, self.train, batches,
-                                self.dtype, self.env.device, self.run.step, self.on_step)
+                                self.dtype, self.env.device, self.run.step, self.on_step,
+                                self.cfg.augment, self.cfg.label_smoothing)
         images = dist.all_reduce_sum(torch.tensor([stats.images], device=self.env.device), self.env)
         self.run.train_seconds += stats.seconds
         self.run.train_images += int(images.item())

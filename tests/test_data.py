@@ -71,3 +71,30 @@ def test_binary_labels_from_files(synthetic_data) -> None:
 def test_missing_data_says_where_to_put_the_files(tmp_path) -> None:
     with pytest.raises(DataError, match=r"MNIST/raw.*train-images-idx3-ubyte.gz"):
         read_mnist(tmp_path / "nowhere", train=True)
+
+
+def test_random_affine_keeps_background_and_moves_ink() -> None:
+    from distributed.data import random_affine
+    torch.manual_seed(0)
+    x = torch.zeros(16, 1, 28, 28)
+    x[:, :, 10:18, 12:16] = 1.0
+    assert torch.allclose(random_affine(x, 0.0, 0.0, 0.0), x, atol=1e-5)  # no-op when every range is 0
+    moved = random_affine(x)
+    assert moved.shape == x.shape and moved.min() >= 0 and moved.max() <= 1
+    assert (moved[:, :, :2, :] == 0).all()  # padding is the background, not a bright frame
+    assert not torch.allclose(moved[0], moved[1])  # each image gets its own transform
+    assert (moved.sum((1, 2, 3)) / x.sum((1, 2, 3))).sub(1).abs().max() < 0.35  # ink kept, roughly
+
+
+def test_augmented_batches_are_normalised_like_plain_ones() -> None:
+    from distributed.data import Split
+    split = Split(torch.full((32, 28, 28), 100, dtype=torch.uint8), torch.arange(32) % 10)
+    index = torch.arange(32)
+    torch.manual_seed(0)
+    plain, y = split.batch(index)
+    augmented, y2 = split.batch(index, augment=True)
+    assert torch.equal(y, y2) and plain.shape == augmented.shape
+    assert torch.allclose(plain, torch.full_like(plain, (100 / 255 - MEAN) / STD))
+    padding = (augmented - (-MEAN / STD)).abs() < 1e-5  # pixels moved in from outside the image
+    assert padding.any() and padding.float().mean() < 0.5
+    assert augmented.max() <= plain.max() + 1e-5

@@ -290,3 +290,17 @@ def test_onnx_path_imports_no_torch(exported_run: Path, tmp_path: Path) -> None:
             "sys.exit(f'imported {bad}' if bad else rc)")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_exif_orientation_is_applied(tmp_path: Path) -> None:
+    img = np.full((60, 40), 255, np.uint8)
+    img[5:40, 5:12] = 0  # a dark "L": a 180-degree turn changes it, unlike a bar
+    img[33:40, 5:30] = 0
+    upright = Image.fromarray(img, mode="L")
+    upright.save(tmp_path / "upright.png")
+    exif = Image.Exif()
+    exif[0x0112] = 3  # "rotate 180" when displayed
+    upright.rotate(180).save(tmp_path / "rotated.jpg", exif=exif.tobytes(), quality=95)
+    a, b = load_digit(tmp_path / "upright.png"), load_digit(tmp_path / "rotated.jpg")
+    assert np.abs(a - b).mean() < 0.02  # same digit once the orientation tag is honoured
+    assert np.abs(a - np.rot90(b, 2)).mean() > 0.05  # and the test could tell them apart

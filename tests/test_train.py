@@ -201,3 +201,11 @@ def test_resume_with_more_epochs_refits_the_schedule(synthetic_data, tmp_path: P
     assert "schedule re-fitted" in capsys.readouterr().out
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["epochs"] == 3 and [h["epoch"] for h in metrics["history"]] == [1, 2, 3]
+
+
+def test_augment_and_label_smoothing_train(synthetic_data, tmp_path: Path) -> None:
+    assert main(args(synthetic_data, tmp_path, "--model", "recordnet", "--augment", "--label-smoothing", "0.1",
+                     "--epochs", "3")) == 0
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["test_accuracy"] > 0.3  # learns despite shifted and rotated bars
+    assert json.loads((tmp_path / "config.json").read_text())["augment"] is True
