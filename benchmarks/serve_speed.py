@@ -17,7 +17,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,7 +67,7 @@ def main() -> None:
     args = p.parse_args()
     import numpy as np
 
-    from serve_cli.__main__ import decode_chunk
+    from serve_cli.__main__ import decode_chunk, decode_pool
     from serve_cli.images import find_images
     from serve_cli.model import load_model
 
@@ -85,10 +84,10 @@ def main() -> None:
             rows.append((f"serve_cli predict --backend {backend} (whole command)", n / statistics.median(t)))
         paths = list(find_images([str(folder)], False))
         start = time.perf_counter()
-        with ThreadPoolExecutor(os.cpu_count()) as pool:
+        with decode_pool(os.cpu_count() or 1) as pool:  # what serve_cli uses
             arrays = [a for chunk in pool.map(decode_chunk, [paths[i:i + 64] for i in range(0, n, 64)])
                       for a in chunk]
-        rows.append(("decode + preprocess only (thread pool)", n / (time.perf_counter() - start)))
+        rows.append(("decode + preprocess only (serve_cli's process pool)", n / (time.perf_counter() - start)))
         x = np.stack(arrays)[:, None]
         for backend in ("onnxruntime", "torchscript"):
             model = load_model(model_dir, backend)

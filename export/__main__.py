@@ -170,6 +170,10 @@ def verify(directory: Path, data_dir: str | None, batch_sizes: list[int], atol: 
     return manifest
 
 
+def human_size(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.0f} kB"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -192,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, ManifestError, ParityError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    files = ", ".join(f"{e['file']} ({e['bytes'] / 1e6:.1f} MB)" for e in manifest["artifacts"].values())
+    files = ", ".join(f"{e['file']} ({human_size(e['bytes'])})" for e in manifest["artifacts"].values())
     print(f"exported {manifest['model']['name']} ({manifest['model']['task']}) to {out_dir}: {files}, {MANIFEST}")
     return 0
 
