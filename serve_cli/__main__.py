@@ -27,7 +27,7 @@ from .images import ImageError, find_images, load_digit
 from .model import MODEL_ENV, LoadedModel, ModelError, default_model_dir, load_model, open_manifest, softmax
 from .output import WRITERS, Row
 
-CHUNK = 64  # files one decode task handles: amortises the thread pool's per-task cost
+CHUNK = 64  # files one decode task handles: amortises the pool's per-task cost (pickling, scheduling)
 
 
 class UsageError(RuntimeError):
