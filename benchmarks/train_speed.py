@@ -102,7 +102,7 @@ def main() -> None:
     rows.append(ours("digits default, torchrun x2", args.data_dir, ["--task", "digits"], nproc=2))
     rows.append(ours("digits, channels-last off", args.data_dir, ["--task", "digits", "--no-channels-last"]))
 
-    print(f"\n| recipe | world | epochs | train s | img/s | test acc | time vs seed |")
+    print("\n| recipe | world | epochs | train s | img/s | test acc | time vs seed |")
     print("|---|---|---|---|---|---|---|")
     seed_final = rows[args.seed_epochs - 1] if not args.skip_seed else None
     for r in rows:

@@ -51,18 +51,23 @@ class Split:
         return len(self.labels)
 
     def batch(self, index: torch.Tensor, augment: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        x = self.images[index].float().div_(255.0).unsqueeze(1)
+        x = to_unit(self.images[index])
         if augment:  # before normalising, so that the padding is the background's 0
             x = random_affine(x)
-        return (x - MEAN) / STD, self.labels[index]
+        return normalize(x), self.labels[index]
 
     def subset(self, index: torch.Tensor) -> "Split":
         return Split(self.images[index], self.labels[index])
 
 
+def to_unit(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, 28, 28] -> float32 [N, 1, 28, 28] in [0, 1]: the exported models' input."""
+    return images.float().div_(255.0).unsqueeze(1)
+
+
 def normalize(images: torch.Tensor) -> torch.Tensor:
-    """uint8 [N, 28, 28] -> float32 [N, 1, 28, 28], MNIST mean/std normalised."""
-    return ((images.float() / 255.0 - MEAN) / STD).unsqueeze(1)
+    """[0, 1] images -> MNIST mean/std normalised (what the networks see)."""
+    return (images - MEAN) / STD
 
 
 def random_affine(x: torch.Tensor, degrees: float = 10.0, scale: float = 0.1, shift: float = 0.1) -> torch.Tensor:

@@ -25,7 +25,7 @@ from .config import TrainConfig, parse_args
 from .data import TASKS, DataError, Split, Task, epoch_batches, eval_shard, load_splits, make_sampler, steps_per_epoch
 from .engine import EpochStats, EvalResult, amp_dtype, evaluate, make_scaler, train_one_epoch
 from .models import build_model, to_device
-from .tb import NullLogger, open_logger
+from .tb import open_logger
 
 GRID_IMAGES = 32
 STOP_CHECK_EVERY = 10  # steps between the ranks' agreement on a pending SIGTERM (a collective)

@@ -57,10 +57,10 @@ def parity_set(data_dir: str | None, task: str, random_count: int = 1000) -> tup
     """MNIST test images in [0, 1] (with task labels) when the files are in data_dir, else seeded random images."""
     raw = Path(data_dir) / "MNIST" / "raw" if data_dir else None
     if raw is not None and any(raw.glob("t10k-images-idx3-ubyte*")):
-        from distributed.data import read_mnist
+        from distributed.data import read_mnist, to_unit
         images, digits = read_mnist(data_dir, train=False)
         labels = TASKS[task].map_labels(digits).numpy()
-        x = (images.float() / 255.0).unsqueeze(1).numpy()
+        x = to_unit(images).numpy()
         return x, labels, f"MNIST test set in {data_dir} ({len(x)} images)"
     return probe_images(0, random_count), None, f"seeded uniform random images ({random_count}), no MNIST in {data_dir}"
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from distributed.data import (MEAN, STD, TASKS, DataError, eval_shard, epoch_batches, load_splits, make_sampler,
-                              normalize, read_mnist, steps_per_epoch)
+                              normalize, read_mnist, steps_per_epoch, to_unit)
 
 CPU = torch.device("cpu")
 
@@ -15,7 +15,7 @@ def test_task_label_maps() -> None:
 
 
 def test_normalize() -> None:
-    x = normalize(torch.tensor([[[0, 255]]], dtype=torch.uint8))
+    x = normalize(to_unit(torch.tensor([[[0, 255]]], dtype=torch.uint8)))
     assert x.shape == (1, 1, 1, 2) and x.dtype == torch.float32
     assert torch.allclose(x.flatten(), torch.tensor([-MEAN / STD, (1 - MEAN) / STD]))
 
