@@ -85,12 +85,18 @@ def build_manifest(info: dict[str, Any], checkpoint: Path, staging: Path, method
 
 
 def check_parity(model: Any, directory: Path, manifest: dict[str, Any], data_dir: str | None,
-                 batch_sizes: list[int], atol: float) -> dict[str, Any]:
-    from .parity import eager_backend, load_backends, parity_report, parity_set
+                 batch_sizes: list[int], atol: float, failed: str) -> dict[str, Any]:
+    """The gate: every artifact in `directory` against the eager model; prints the table, raises
+    ParityError starting with `failed` when any backend is off."""
+    from .parity import ParityError, eager_backend, failures, format_report, load_backends, parity_report, parity_set
 
     images, labels, dataset = parity_set(data_dir, manifest["model"]["task"])
     report = parity_report(eager_backend(model), load_backends(directory, manifest), images, labels,
                            batch_sizes, atol)
+    print(f"parity on {dataset}, batch sizes {batch_sizes}:")
+    print(format_report(report))
+    if not report["passed"]:
+        raise ParityError(f"{failed}: " + "; ".join(failures(report)))
     return {"dataset": dataset, **report}
 
 
@@ -98,7 +104,7 @@ def export_checkpoint(checkpoint: Path, out_dir: Path, data_dir: str | None, bat
                       atol: float, opset: int) -> dict[str, Any]:
     """Everything is built and gated in a staging dir beside out_dir, which only a passing export replaces."""
     from .formats import write_exported_program, write_onnx, write_torchscript
-    from .parity import ParityError, eager_backend, failures, format_report
+    from .parity import eager_backend
     from .wrap import load_for_export
 
     model, info = load_for_export(checkpoint)
@@ -113,11 +119,8 @@ def export_checkpoint(checkpoint: Path, out_dir: Path, data_dir: str | None, bat
         write_onnx(model, staging / "model.onnx", opset)
         reference = eager_backend(model)(probe_images(PROBE_SEED, PROBE_COUNT)).tolist()
         manifest = build_manifest(info, checkpoint, staging, method, opset, {}, reference)
-        manifest["parity"] = check_parity(model, staging, manifest, data_dir or info["data_dir"], batch_sizes, atol)
-        print(f"parity on {manifest['parity']['dataset']}, batch sizes {batch_sizes}:")
-        print(format_report(manifest["parity"]))
-        if not manifest["parity"]["passed"]:
-            raise ParityError("parity gate failed, nothing exported: " + "; ".join(failures(manifest["parity"])))
+        manifest["parity"] = check_parity(model, staging, manifest, data_dir or info["data_dir"], batch_sizes, atol,
+                                          failed="parity gate failed, nothing exported")
         write_json(staging / MANIFEST, manifest)
         replace_dir(staging, out_dir)
     finally:
@@ -141,7 +144,7 @@ def verify(directory: Path, data_dir: str | None, batch_sizes: list[int], atol: 
     checkpoint is still where it was (same sha256), the full parity gate against a fresh eager model."""
     import numpy as np
 
-    from .parity import ParityError, compare, failures, format_report, load_backends
+    from .parity import ParityError, compare, failures, load_backends
     from .wrap import load_for_export
 
     manifest = read_manifest(directory)
@@ -160,11 +163,8 @@ def verify(directory: Path, data_dir: str | None, batch_sizes: list[int], atol: 
     source = Path(manifest["source"]["checkpoint"])
     if source.is_file() and sha256_file(source) == manifest["source"]["sha256"]:
         model, info = load_for_export(source)
-        report = check_parity(model, directory, manifest, data_dir or info["data_dir"], batch_sizes, atol)
-        print(f"parity on {report['dataset']}, batch sizes {batch_sizes}:")
-        print(format_report(report))
-        if not report["passed"]:
-            raise ParityError(f"{directory}: parity gate failed: " + "; ".join(failures(report)))
+        check_parity(model, directory, manifest, data_dir or info["data_dir"], batch_sizes, atol,
+                     failed=f"{directory}: parity gate failed")
     else:
         print(f"source checkpoint {source} not available: full parity not rerun")
     return manifest
