@@ -230,37 +230,39 @@ class Trainer:
         return evaluate(self.model, split, shard, self.cfg.eval_batch_size, self.task.num_classes,
                         self.dtype, self.env)
 
-    def train_epoch(self) -> EpochStats:
+    def score_all(self) -> tuple[EvalResult, EvalResult | None]:
+        """(test, val); val is None when --val-size is 0."""
+        val = self.score(self.val, self.val_shard) if len(self.val) else None
+        return self.score(self.test, self.test_shard), val
+
+    def train_epoch(self) -> tuple[EpochStats, int]:
+        """One epoch (or what is left of it); returns its stats and the images all ranks trained on."""
         batches = epoch_batches(self.sampler, self.run.epoch, self.cfg.batch_size, self.env.device)
         batches = itertools.islice(batches, self.run.batch_in_epoch, None)  # resuming mid-epoch
         stats = train_one_epoch(self.net, self.optimizer, self.scheduler, self.scaler, self.train, batches,
                                 self.dtype, self.env.device, self.run.step, self.on_step,
                                 self.cfg.augment, self.cfg.label_smoothing)
-        images = dist.all_reduce_sum(torch.tensor([stats.images], device=self.env.device), self.env)
+        images = int(dist.all_reduce_sum(torch.tensor([stats.images], device=self.env.device), self.env).item())
         self.run.train_seconds += stats.seconds
-        self.run.train_images += int(images.item())
-        return stats
+        self.run.train_images += images
+        return stats, images
 
     def fit(self, stop_after_epoch: int | None = None) -> dict[str, Any]:
         """Train to cfg.epochs; returns the final metrics. `stop_after_epoch` stops early, as a preemption would."""
         test_result = val_result = None
         try:
             while self.run.epoch < self.cfg.epochs:
-                images_before, seconds_before = self.run.train_images, self.run.train_seconds
-                stats = self.train_epoch()
+                stats, images = self.train_epoch()
                 if stats.stopped:
                     raise Preempted(self.preempted_message())
-                val_result = self.score(self.val, self.val_shard) if len(self.val) else None
-                test_result = self.score(self.test, self.test_shard)
-                self.end_epoch(stats, test_result, val_result, self.run.train_images - images_before,
-                               self.run.train_seconds - seconds_before)
+                test_result, val_result = self.score_all()
+                self.end_epoch(stats, images, test_result, val_result)
                 if stop_after_epoch is not None and self.run.epoch >= stop_after_epoch:
                     break
                 if self.stop_agreed():
                     raise Preempted(self.preempted_message())
             if test_result is None:  # resumed a finished run: score the weights we have
-                val_result = self.score(self.val, self.val_shard) if len(self.val) else None
-                test_result = self.score(self.test, self.test_shard)
+                test_result, val_result = self.score_all()
             return self.finish(test_result, val_result)
         finally:
             self.logger.close()
@@ -269,8 +271,7 @@ class Trainer:
         return (f"stopped by signal {self.stop.signal} at epoch {self.run.epoch + 1}, step {self.run.step}; "
                 f"checkpoint saved in {self.ckpt_dir}: run the same command again to resume")
 
-    def end_epoch(self, stats: EpochStats, test: EvalResult, val: EvalResult | None, images: int,
-                  seconds: float) -> None:
+    def end_epoch(self, stats: EpochStats, images: int, test: EvalResult, val: EvalResult | None) -> None:
         run = self.run
         run.epoch, run.batch_in_epoch = run.epoch + 1, 0
         is_best = val is None or val.accuracy > run.best_val_accuracy
@@ -278,7 +279,7 @@ class Trainer:
             run.best_val_accuracy, run.best_epoch = (val or test).accuracy, run.epoch
         self.record = {"epoch": run.epoch, "step": run.step, "train_loss": stats.loss,
                        "test_loss": test.loss, "test_accuracy": test.accuracy,
-                       "images_per_second": images / seconds, "epoch_seconds": seconds}
+                       "images_per_second": images / stats.seconds, "epoch_seconds": stats.seconds}
         if val is not None:
             self.record.update(val_loss=val.loss, val_accuracy=val.accuracy)
         run.history.append(self.record)
