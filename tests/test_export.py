@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -79,15 +80,8 @@ def test_verify_passes_on_an_intact_export(exported: Path, capsys) -> None:
     assert "sha256 ok" in out and "reference logits ok" in out and "verified" in out
 
 
-def copy_export(src: Path, dst: Path) -> Path:
-    dst.mkdir()
-    for f in src.iterdir():
-        (dst / f.name).write_bytes(f.read_bytes())
-    return dst
-
-
 def test_verify_catches_a_sha_mismatch(exported: Path, tmp_path: Path, capsys) -> None:
-    broken = copy_export(exported, tmp_path / "e")
+    broken = Path(shutil.copytree(exported, tmp_path / "e"))
     manifest = json.loads((broken / "manifest.json").read_text())
     manifest["artifacts"]["torchscript"]["sha256"] = "0" * 64
     (broken / "manifest.json").write_text(json.dumps(manifest))
@@ -97,7 +91,7 @@ def test_verify_catches_a_sha_mismatch(exported: Path, tmp_path: Path, capsys) -
 
 def test_verify_catches_a_perturbed_onnx_weight(exported: Path, tmp_path: Path, capsys) -> None:
     """Even with the manifest's hash rewritten to match, the changed answers are caught."""
-    broken = copy_export(exported, tmp_path / "e")
+    broken = Path(shutil.copytree(exported, tmp_path / "e"))
     model = onnx.load(str(broken / "model.onnx"))
     weight = max(model.graph.initializer, key=lambda t: np.prod(t.dims))
     values = onnx.numpy_helper.to_array(weight).copy()

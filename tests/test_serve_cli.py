@@ -5,6 +5,7 @@ import csv
 import io
 import json
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -232,9 +233,7 @@ def test_usage_errors_exit_2_with_one_line(case: str, exported_run: Path, tmp_pa
         model = str(tmp_path / "no_model")
     elif case == "tampered_model":
         model = str(tmp_path / "tampered")
-        (tmp_path / "tampered").mkdir()
-        for f in exported_run.iterdir():
-            (tmp_path / "tampered" / f.name).write_bytes(f.read_bytes())
+        shutil.copytree(exported_run, tmp_path / "tampered")
         with open(tmp_path / "tampered" / "model.onnx", "ab") as f:
             f.write(b"\0")
     elif case == "checkpoint_as_model":
