@@ -81,8 +81,21 @@ def attempt_store() -> dist.Store:
     return dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
-def teardown() -> None:
+def teardown(peers_in_step: bool) -> None:
+    """Leave the process group; `peers_in_step` says every rank got here the same way (no rank raised).
+
+    Then a barrier comes first. destroy_process_group does not join gloo's worker threads while a
+    DistributedDataParallel has ever held the group (seen with torch 2.15: the C++ reducer keeps it
+    alive), and a worker still dropping the last collective's tensors when the interpreter shuts down
+    aborts the process ("terminate called without an active exception", exit -6) on a rank that
+    finished first. Waiting for the slowest rank gives every worker time to finish.
+    """
     if dist.is_available() and dist.is_initialized():
+        if peers_in_step:
+            try:
+                dist.barrier()
+            except RuntimeError:  # a peer is already gone: nobody left to wait for
+                pass
         dist.destroy_process_group()
 
 

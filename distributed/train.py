@@ -353,10 +353,15 @@ def main(argv: list[str] | None = None) -> int:
     previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGTERM, signal.SIGINT)}
     try:
         env = dist.setup(cfg.device)
+        in_step = False  # True when all ranks leave fit() together: finished, or agreed to stop
         try:
             metrics = fit(cfg, env, stop=stop)
+            in_step = True
+        except Preempted:
+            in_step = True
+            raise
         finally:
-            dist.teardown()
+            dist.teardown(peers_in_step=in_step)
     except Preempted as e:
         if int(os.environ.get("RANK", 0)) == 0:
             print(str(e), file=sys.stderr, flush=True)
