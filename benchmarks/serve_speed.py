@@ -67,7 +67,7 @@ def main() -> None:
     args = p.parse_args()
     import numpy as np
 
-    from serve_cli.__main__ import decode_chunk, decode_pool
+    from serve_cli.__main__ import process_batch, worker_pool
     from serve_cli.images import find_images
     from serve_cli.model import load_model
 
@@ -84,11 +84,10 @@ def main() -> None:
             rows.append((f"serve_cli predict --backend {backend} (whole command)", n / statistics.median(t)))
         paths = list(find_images([str(folder)], False))
         start = time.perf_counter()
-        with decode_pool(os.cpu_count() or 1) as pool:  # what serve_cli uses
-            arrays = [a for chunk in pool.map(decode_chunk, [paths[i:i + 64] for i in range(0, n, 64)])
-                      for a in chunk]
+        with worker_pool(os.cpu_count() or 1, runtime=None) as pool:  # serve_cli's workers, without the model
+            batches = [paths[i:i + 256] for i in range(0, n, 256)]
+            x = np.concatenate([chunk.images for chunk in pool.map(process_batch, batches)])
         rows.append(("decode + preprocess only (serve_cli's process pool)", n / (time.perf_counter() - start)))
-        x = np.stack(arrays)[:, None]
         for backend in ("onnxruntime", "torchscript"):
             model = load_model(model_dir, backend)
             model.run(x[:256])

@@ -10,24 +10,24 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import multiprocessing
 import os
 import sys
 import tempfile
 import time
 from collections import deque
-import multiprocessing
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, TextIO
+from typing import Callable, Iterable, Iterator, TextIO
 
 import numpy as np
 
 from .images import ImageError, find_images, load_digit
-from .model import MODEL_ENV, LoadedModel, ModelError, default_model_dir, load_model, open_manifest, softmax
+from .model import (MODEL_ENV, LoadedModel, ModelError, Runtime, default_model_dir, open_manifest, resolve_model,
+                    softmax)
 from .output import WRITERS, Row
-
-CHUNK = 64  # files one decode task handles: amortises the pool's per-task cost (pickling, scheduling)
 
 
 class UsageError(RuntimeError):
@@ -48,8 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="write rows to this file instead of stdout")
     p.add_argument("--top-k", type=int, default=0, help="also list the K most likely classes")
     p.add_argument("--batch-size", type=int, default=256, help="images per model call")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="decode processes")
-    p.add_argument("--threads", type=int, default=0, help="model threads (0: the runtime's choice)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                   help="processes that decode images and, on the CPU, each run a copy of the model")
+    p.add_argument("--threads", type=int, default=0,
+                   help="model threads per copy (0: 1 per worker, or the runtime's choice with --workers 1)")
     p.add_argument("--recursive", "-r", action="store_true", help="descend into sub-folders")
     i = sub.add_parser("info", help="what an exported model is: classes, input, artifacts, parity, accuracy")
     i.add_argument("model", nargs="?", help="export dir (default as for predict)")
@@ -57,56 +59,84 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def decode_chunk(paths: list[Path]) -> list[np.ndarray | str]:
-    """Each file's digit, or the reason it has none; never raises, so one bad file cannot stop the run."""
-    out: list[np.ndarray | str] = []
+@dataclass
+class Chunk:
+    """One batch back from a worker: a reason per failed file, and logits when the worker holds the
+    model (else the decoded images, for the model in the main process)."""
+    errors: list[str | None]
+    logits: np.ndarray | None = None
+    images: np.ndarray | None = None
+
+
+_worker_model: Callable[[np.ndarray], np.ndarray] | None = None  # per pool process, set once at its start
+
+
+def start_worker(runtime: Runtime | None) -> None:
+    global _worker_model
+    _worker_model = runtime.build()[1] if runtime else None
+
+
+def decode(paths: list[Path]) -> tuple[list[np.ndarray], list[str | None]]:
+    """Each file's digit or the reason it has none; never raises, so one bad file cannot stop the run."""
+    digits: list[np.ndarray] = []
+    errors: list[str | None] = []
     for path in paths:
         try:
-            out.append(load_digit(path))
+            digits.append(load_digit(path))
+            errors.append(None)
         except ImageError as e:
-            out.append(str(e))
+            errors.append(str(e))
         except Exception as e:  # a decoder bug must cost one row, not the run
-            out.append(f"unexpected {type(e).__name__}: {str(e)[:120]}")
-    return out
+            errors.append(f"unexpected {type(e).__name__}: {str(e)[:120]}")
+    return digits, errors
 
 
-def decode_pool(workers: int) -> Executor:
-    """Processes, not threads: decoding is Python-heavy and holds the GIL (measured here: 2 threads decode
-    at half the rate of 1, 2 forked processes at twice it)."""
+def process_batch(paths: list[Path]) -> Chunk:
+    digits, errors = decode(paths)
+    if not digits:
+        return Chunk(errors)
+    images = np.stack(digits)[:, None]
+    if _worker_model is None:
+        return Chunk(errors, images=images)
+    return Chunk(errors, logits=_worker_model(images))
+
+
+def worker_pool(workers: int, runtime: Runtime | None) -> Executor:
+    """Forked processes that decode and, given a CPU `runtime`, also run the model on what they decoded:
+    every core then does both, and only logits cross back. Processes, not threads: decoding is
+    Python-heavy and holds the GIL (measured here: 2 threads decode at half the rate of 1)."""
     if workers == 1:
         return ThreadPoolExecutor(1)  # one decoder beside the model, without a process to start
     fork = multiprocessing.get_context("fork") if "fork" in multiprocessing.get_all_start_methods() else None
-    pool = ProcessPoolExecutor(workers, mp_context=fork)
-    pool.submit(int).result()  # fork the workers now, before the model's runtime starts its threads
-    return pool
+    return ProcessPoolExecutor(workers, mp_context=fork, initializer=start_worker, initargs=(runtime,))
 
 
-def decoded_batches(paths: Iterable[Path], pool: Executor,
-                    batch_size: int) -> Iterator[list[tuple[Path, np.ndarray | str]]]:
-    """Batches in input order, decoded one batch ahead of the model; at most two batches held at once."""
-    pending: deque[tuple[list[Path], list[Future]]] = deque()
-    batches = iter(lambda: list(itertools.islice(paths, batch_size)), [])
-    for batch in batches:
-        chunks = [batch[i:i + CHUNK] for i in range(0, len(batch), CHUNK)]
-        pending.append((batch, [pool.submit(decode_chunk, c) for c in chunks]))
-        if len(pending) > 1:
-            yield _collect(*pending.popleft())
+def processed_batches(paths: Iterable[Path], pool: Executor, batch_size: int,
+                      in_flight: int) -> Iterator[tuple[list[Path], Chunk]]:
+    """Batches in input order; at most `in_flight` are submitted and not yet collected."""
+    pending: deque[tuple[list[Path], Future]] = deque()
+    for batch in iter(lambda: list(itertools.islice(paths, batch_size)), []):
+        pending.append((batch, pool.submit(process_batch, batch)))
+        if len(pending) >= in_flight:
+            path_batch, future = pending.popleft()
+            yield path_batch, future.result()
     while pending:
-        yield _collect(*pending.popleft())
+        path_batch, future = pending.popleft()
+        yield path_batch, future.result()
 
 
-def _collect(batch: list[Path], futures: list[Future]) -> list[tuple[Path, np.ndarray | str]]:
-    return list(zip(batch, itertools.chain.from_iterable(f.result() for f in futures)))
-
-
-def predict_rows(model: LoadedModel, batch: list[tuple[Path, np.ndarray | str]], top_k: int) -> list[Row]:
-    good = [x for _, x in batch if isinstance(x, np.ndarray)]
-    probs = softmax(model.run(np.stack(good)[:, None])) if good else np.empty((0, 0))
-    classes, k = model.classes, min(top_k, len(model.classes))
+def predict_rows(batch: list[Path], chunk: Chunk, model: LoadedModel | None, classes: list[str],
+                 top_k: int) -> list[Row]:
+    logits = chunk.logits
+    if logits is None and chunk.images is not None:
+        assert model is not None, "the images came back to be run here"
+        logits = model.run(chunk.images)
+    probs = softmax(logits) if logits is not None else np.empty((0, 0))
+    k = min(top_k, len(classes))
     rows, j = [], 0
-    for path, x in batch:
-        if isinstance(x, str):
-            rows.append(Row(str(path), error=x))
+    for path, error in zip(batch, chunk.errors):
+        if error is not None:
+            rows.append(Row(str(path), error=error))
             continue
         p = probs[j]
         j += 1
@@ -154,25 +184,32 @@ def predict(args: argparse.Namespace) -> int:
     paths = check_inputs(args.inputs, args.recursive)
     model_dir = Path(args.model) if args.model else default_model_dir()
     start = time.perf_counter()
-    with decode_pool(args.workers) as pool:
-        model = load_model(model_dir, args.backend, args.threads or None)
-        count, failed = run_predictions(args, paths, model, pool)
+    manifest, runtime = resolve_model(model_dir, args.backend, args.threads or None)
+    # On the CPU each worker runs its own model copy, one thread each unless --threads says otherwise;
+    # a GPU session stays single, in this process, fed by the workers' decoded images.
+    in_workers = args.workers > 1 and runtime.on_cpu
+    worker_runtime = runtime.with_threads(args.threads or 1) if in_workers else None
+    with worker_pool(args.workers, worker_runtime) as pool:
+        model = None if in_workers else LoadedModel(model_dir, manifest, *runtime.build())
+        backend = model.backend if model else runtime.name
+        count, failed = run_predictions(args, paths, model, manifest["model"]["classes"], pool)
     seconds = time.perf_counter() - start
+    where = f", {args.workers} workers" if in_workers else ""
     print(f"{count:,} images, {failed:,} failed, {seconds:.2f}s, {count / seconds:,.0f} images/s "
-          f"[{model.backend}, model {model.directory}]", file=sys.stderr)
+          f"[{backend}{where}, model {model_dir}]", file=sys.stderr)
     return 1 if failed else 0
 
 
-def run_predictions(args: argparse.Namespace, paths: Iterable[Path], model: LoadedModel,
-                    pool: Executor) -> tuple[int, int]:
+def run_predictions(args: argparse.Namespace, paths: Iterable[Path], model: LoadedModel | None,
+                    classes: list[str], pool: Executor) -> tuple[int, int]:
     """Stream rows batch by batch; (images, failures)."""
     show_progress = sys.stderr.isatty()
     count = failed = 0
     start = time.perf_counter()
     with open_output(args.output) as stream:
         writer = WRITERS[args.format](stream)
-        for batch in decoded_batches(paths, pool, args.batch_size):
-            for row in predict_rows(model, batch, args.top_k):
+        for batch, chunk in processed_batches(paths, pool, args.batch_size, in_flight=2 * args.workers):
+            for row in predict_rows(batch, chunk, model, classes, args.top_k):
                 writer.write(row)
                 failed += row.error is not None
             count += len(batch)

@@ -167,6 +167,31 @@ def test_bad_files_get_error_rows_and_good_files_are_predicted(exported_run: Pat
     assert len(same) == 1  # copies of one 28x28 digit pass through unchanged: one answer
 
 
+@pytest.mark.parametrize("backend", ["onnxruntime", "torchscript"])
+def test_model_in_workers_gives_the_rows_of_the_model_in_process(exported_run: Path, bad_corpus, tmp_path: Path,
+                                                                  capsys, backend: str) -> None:
+    """--workers 3: each worker runs its own model copy; --workers 1: one model here. Small batches put
+    good and bad files, and batches with no good file at all, in the same run."""
+    folder, _ = bad_corpus
+    images, _ = synthetic_digits(12, seed=6)
+    save_pngs(folder / "more", images)
+    common = [str(folder), str(folder / "more"), "--model", str(exported_run), "--backend", backend,
+              "--batch-size", "3", "--top-k", "2"]
+    runs = []
+    for workers in ("1", "3"):
+        code = main(["predict", *common, "--workers", workers, "--format", "jsonl"])
+        out, err = capsys.readouterr()
+        runs.append((code, [json.loads(line) for line in out.splitlines()], err))
+    (code_here, here, err_here), (code_pool, pooled, err_pool) = runs
+    assert code_here == code_pool == 1
+    assert "workers" not in err_here and "3 workers" in err_pool  # where the model ran
+    assert [r["path"] for r in here] == [r["path"] for r in pooled]
+    assert [r.get("error") for r in here] == [r.get("error") for r in pooled]
+    assert [r.get("class") for r in here] == [r.get("class") for r in pooled]
+    assert np.allclose([r.get("confidence", 0) for r in here], [r.get("confidence", 0) for r in pooled], atol=1e-6)
+    assert sum("error" not in r for r in pooled) >= 12 + 7
+
+
 def test_unchanged_passthrough_for_mnist_shaped_images(tmp_path: Path) -> None:
     images, _ = synthetic_digits(3, seed=2)
     for path, img in zip(save_pngs(tmp_path, images), images):
