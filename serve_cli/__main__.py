@@ -25,8 +25,7 @@ from typing import Callable, Iterable, Iterator, TextIO
 import numpy as np
 
 from .images import ImageError, find_images, load_digit
-from .model import (MODEL_ENV, LoadedModel, ModelError, Runtime, default_model_dir, open_manifest, resolve_model,
-                    softmax)
+from .model import MODEL_ENV, LoadedModel, ModelError, Runtime, default_model_dir, open_manifest, resolve_model, softmax
 from .output import WRITERS, Row
 
 
