@@ -8,6 +8,7 @@ Exit status: 0 every file predicted; 1 some files failed (error rows say why); 2
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import multiprocessing
@@ -72,7 +73,16 @@ _worker_model: Callable[[np.ndarray], np.ndarray] | None = None  # per pool proc
 
 def start_worker(runtime: Runtime | None) -> None:
     global _worker_model
-    _worker_model = runtime.build()[1] if runtime else None
+    if runtime is None:
+        return
+    try:
+        _worker_model = runtime.build()[1]
+    except ModelError as e:  # raised from each batch, so the main process reports it as one line
+        _worker_model = functools.partial(_fail, str(e))
+
+
+def _fail(message: str, images: np.ndarray) -> np.ndarray:
+    raise ModelError(message)
 
 
 def decode(paths: list[Path]) -> tuple[list[np.ndarray], list[str | None]]:
@@ -206,9 +216,11 @@ def run_predictions(args: argparse.Namespace, paths: Iterable[Path], model: Load
     count = failed = 0
     start = time.perf_counter()
     with open_output(args.output) as stream:
-        writer = WRITERS[args.format](stream)
+        writer = None  # made at the first rows: a run that fails before any prediction prints nothing
         for batch, chunk in processed_batches(paths, pool, args.batch_size, in_flight=2 * args.workers):
-            for row in predict_rows(batch, chunk, model, classes, args.top_k):
+            rows = predict_rows(batch, chunk, model, classes, args.top_k)
+            writer = writer or WRITERS[args.format](stream)
+            for row in rows:
                 writer.write(row)
                 failed += row.error is not None
             count += len(batch)

@@ -42,9 +42,13 @@ class Runtime:
 
     def build(self) -> tuple[str, Callable[[np.ndarray], np.ndarray]]:
         """(what actually runs, e.g. "onnxruntime (CPUExecutionProvider)"; images -> logits)."""
-        if self.kind == "torchscript":
-            return _torchscript(self.path, self.threads)
-        return _onnxruntime(self.path, self.providers, self.threads)
+        try:
+            if self.kind == "torchscript":
+                return _torchscript(self.path, self.threads)
+            return _onnxruntime(self.path, self.providers, self.threads)
+        except Exception as e:  # the runtime's own errors are many and multi-line; the user needs one line
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise ModelError(f"{self.path} cannot be loaded by {self.kind} ({reason}): re-export it") from None
 
 
 @dataclass(frozen=True)

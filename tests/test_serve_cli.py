@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
@@ -244,7 +245,7 @@ def test_formats_parse(exported_run: Path, tmp_path: Path, capsys) -> None:
 
 
 @pytest.mark.parametrize("case", ["no_such_path", "empty_folder", "missing_model", "tampered_model",
-                                  "checkpoint_as_model"])
+                                  "checkpoint_as_model", "unloadable_model", "unloadable_model_in_workers"])
 def test_usage_errors_exit_2_with_one_line(case: str, exported_run: Path, tmp_path: Path, capsys) -> None:
     images, _ = synthetic_digits(2, seed=0)
     save_pngs(tmp_path / "imgs", images)
@@ -263,13 +264,24 @@ def test_usage_errors_exit_2_with_one_line(case: str, exported_run: Path, tmp_pa
             f.write(b"\0")
     elif case == "checkpoint_as_model":
         model = str(exported_run.parent / "checkpoints" / "best.pt")
-    assert main(["predict", inputs, "--model", model]) == 2
+    elif case.startswith("unloadable_model"):  # sha256 and size match, but the file is no ONNX model
+        model = str(tmp_path / "unloadable")
+        shutil.copytree(exported_run, tmp_path / "unloadable")
+        junk = b"not an onnx model" * 8
+        (tmp_path / "unloadable" / "model.onnx").write_bytes(junk)
+        manifest = json.loads((tmp_path / "unloadable" / "manifest.json").read_text())
+        manifest["artifacts"]["onnx"].update(sha256=hashlib.sha256(junk).hexdigest(), bytes=len(junk))
+        (tmp_path / "unloadable" / "manifest.json").write_text(json.dumps(manifest))
+    workers = "2" if case.endswith("in_workers") else "1"
+    assert main(["predict", inputs, "--model", model, "--workers", workers]) == 2
     captured = capsys.readouterr()
     err = captured.err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("serve_cli: error:"), err
     assert captured.out == ""
     expected = {"no_such_path": "no such file", "empty_folder": "no image files", "missing_model": "does not exist",
-                "tampered_model": "does not match its sha256", "checkpoint_as_model": "python -m export"}[case]
+                "tampered_model": "does not match its sha256", "checkpoint_as_model": "python -m export",
+                "unloadable_model": "cannot be loaded by onnxruntime",
+                "unloadable_model_in_workers": "cannot be loaded by onnxruntime"}[case]
     assert expected in err[0]
 
 
