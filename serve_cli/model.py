@@ -58,10 +58,6 @@ class LoadedModel:
     backend: str  # what actually runs, e.g. "onnxruntime (CPUExecutionProvider)"
     run: Callable[[np.ndarray], np.ndarray]  # float32 [N, 1, 28, 28] -> logits [N, C]
 
-    @property
-    def classes(self) -> list[str]:
-        return self.manifest["model"]["classes"]
-
 
 def default_model_dir(runs: Path = Path("runs")) -> Path:
     """$SERVE_CLI_MODEL, else the most recently exported runs/*/export."""
