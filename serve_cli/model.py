@@ -14,6 +14,7 @@ import numpy as np
 from export.manifest import INPUT_NAME, ManifestError, read_manifest, verify_file
 
 MODEL_ENV = "SERVE_CLI_MODEL"
+ARTIFACT_OF = {"onnxruntime": "onnx", "torchscript": "torchscript"}  # runtime -> manifest artifact key
 PICKLE_SUFFIXES = {".pt", ".pth", ".ckpt", ".pkl", ".bin"}
 
 
@@ -88,7 +89,7 @@ def resolve_model(directory: Path, backend: str = "auto",
     manifest = open_manifest(directory)
     kind = "torchscript" if backend == "torchscript" else "onnxruntime"
     try:
-        path = verify_file(directory, manifest, "torchscript" if kind == "torchscript" else "onnx")
+        path = verify_file(directory, manifest, ARTIFACT_OF[kind])
     except ManifestError as e:
         raise ModelError(str(e)) from None
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
