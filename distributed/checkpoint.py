@@ -1,41 +1,37 @@
-"""Checkpoints: plain dicts of tensors and plain values, written atomically, read with weights_only=True."""
+"""The checkpoint file: its schema, written atomically, read back with weights_only=True and checked.
+
+Schema (version 2), a plain dict of tensors and plain values:
+  version     int, CHECKPOINT_VERSION
+  model       the unwrapped network's state_dict
+  optimizer   optimiser state_dict
+  scheduler   LR scheduler state_dict, or None (--schedule none)
+  scaler      GradScaler state_dict
+  config      TrainConfig as a dict (the flags of the run)
+  classes     class names in output order
+  world_size  how many ranks wrote it
+  rng         one {cpu[, cuda]} RNG state per rank
+  run         RunState as a dict: epoch (completed), step, batch_in_epoch, the work done so far, history
+  metrics     the last completed epoch's record
+
+`Trainer.state_dict` (distributed/train.py) writes it and `Trainer.load_state_dict` reads it; `summary`
+is what everything else (export) needs from it. Version 1 (the same, plus `epoch`/`step` twice) loads too.
+"""
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-CHECKPOINT_VERSION = 1
-REQUIRED_KEYS = ("model", "config", "epoch")
+from .files import atomic_write
+
+CHECKPOINT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+REQUIRED_KEYS = ("version", "model", "config", "run")
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, unreadable, or not one of ours."""
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write via a temp file in the same folder, fsync, then os.replace: readers see old or new, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # The temp name keeps the real suffix: some writers (torch.export.save) insist on it.
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; outputs are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json(path: Path, obj: Any) -> None:
-    atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=2) + "\n"))
 
 
 def save(path: Path, state: dict[str, Any]) -> None:
@@ -54,7 +50,20 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
         raise CheckpointError(f"{path} is not a readable checkpoint ({reason[:200]})") from None
     if not isinstance(state, dict) or any(k not in state for k in REQUIRED_KEYS):
         raise CheckpointError(f"{path} is not a checkpoint of this project (expected keys {REQUIRED_KEYS})")
+    if state["version"] not in READABLE_VERSIONS:
+        raise CheckpointError(f"{path} has checkpoint version {state['version']!r}; this version reads "
+                              f"{READABLE_VERSIONS}: use the release that wrote it")
+    if not isinstance(state["config"], dict) or not isinstance(state["run"], dict):
+        raise CheckpointError(f"{path} is not a checkpoint of this project (config or run is malformed)")
     return state
+
+
+def summary(state: dict[str, Any]) -> dict[str, Any]:
+    """What a loaded checkpoint says about the network it holds, for export."""
+    config = state["config"]
+    return {"name": config.get("model"), "task": config.get("task"), "classes": state.get("classes"),
+            "epoch": state["run"].get("epoch"), "metrics": state.get("metrics") or {},
+            "data_dir": config.get("data_dir")}
 
 
 def rng_state(device: torch.device) -> dict[str, torch.Tensor]:

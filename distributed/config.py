@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 # The recipe of the source documents: torchvision MNIST, batch 64, SGD(lr=0.01, momentum=0.5).
 SEED_RECIPE = ["--optimizer", "sgd", "--lr", "0.01", "--momentum", "0.5",
@@ -14,6 +14,35 @@ SEED_RECIPE = ["--optimizer", "sgd", "--lr", "0.01", "--momentum", "0.5",
 
 # Fastest measured model per task to reach the accuracy goals (see docs/PERFORMANCE.md).
 DEFAULT_MODEL = {"digits": "fastnet", "binary": "fastnet"}
+
+# Flags that may differ when a run resumes: they change how or where it runs, not what it learns
+# (a new --epochs or --batch-size re-fits the schedule). Any other difference makes the resumed run
+# another experiment (a new --seed or --val-size would even move validation images into training).
+MAY_CHANGE_ON_RESUME = ("epochs", "batch_size", "data_dir", "run_dir", "device", "eval_batch_size", "log_every",
+                        "checkpoint_every_steps", "resume")
+
+
+def number_in(kind: type, low: float, high: float = math.inf, high_open: bool = False,
+            low_open: bool = False) -> Callable[[str], Any]:
+    """An argparse type: a finite `kind` within the bounds, else a usage error that names them."""
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a{' whole' if kind is int else ''} number") from None
+        if not (math.isfinite(value) and (value > low if low_open else value >= low)
+                and (value < high if high_open else value <= high)):
+            bounds = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+            raise argparse.ArgumentTypeError(f"{text} is not in {bounds}")
+        return value
+    return parse
+
+
+POSITIVE_INT = number_in(int, 1)
+NON_NEGATIVE_INT = number_in(int, 0)
+POSITIVE = number_in(float, 0, low_open=True)
+NON_NEGATIVE = number_in(float, 0)
+FRACTION = number_in(float, 0, 1, high_open=True)  # [0, 1)
 
 
 def _opt(default: Any, help: str, **kwargs: Any) -> Any:
@@ -26,31 +55,34 @@ class TrainConfig:
     model: str | None = _opt(None, "network from the registry (default: fastest for the task)")
     data_dir: str = _opt("data", "MNIST root; the four files go in DATA_DIR/MNIST/raw/ (downloaded if absent)")
     run_dir: str | None = _opt(None, "where checkpoints, TensorBoard events and metrics go (default: runs/TASK)")
-    epochs: int = _opt(2, "number of passes over the training split")
-    batch_size: int = _opt(64, "batch size PER RANK (global batch = this x world size)")
+    epochs: int = _opt(2, "number of passes over the training split", type=POSITIVE_INT)
+    batch_size: int = _opt(64, "batch size PER RANK (global batch = this x world size)", type=POSITIVE_INT)
     optimizer: str = _opt("adam", "optimiser", choices=["sgd", "adam", "adamw"])
-    lr: float = _opt(5e-3, "learning rate (peak rate for onecycle)")
-    momentum: float = _opt(0.9, "SGD momentum")
-    weight_decay: float = _opt(0.0, "weight decay")
+    lr: float = _opt(5e-3, "learning rate (peak rate for onecycle)", type=POSITIVE)
+    momentum: float = _opt(0.9, "SGD momentum, in [0, 1)", type=FRACTION)
+    weight_decay: float = _opt(0.0, "weight decay", type=NON_NEGATIVE)
     schedule: str = _opt("onecycle", "learning-rate schedule, stepped every batch",
                          choices=["onecycle", "cosine", "step", "none"])
     augment: bool = _opt(False, "random rotation (10 deg), scale (10%%) and shift (10%%) of every training "
                                 "image, on the device", action=argparse.BooleanOptionalAction)
-    label_smoothing: float = _opt(0.0, "cross-entropy label smoothing")
+    label_smoothing: float = _opt(0.0, "cross-entropy label smoothing, in [0, 1)", type=FRACTION)
     seed: int = _opt(0, "seed for weights, shuffling, dropout and the validation split")
-    val_size: int = _opt(5000, "training images held out for model selection (0: train on all 60,000)")
+    val_size: int = _opt(5000, "training images held out for model selection (0: train on all 60,000)",
+                         type=NON_NEGATIVE_INT)
     amp: str = _opt("auto", "autocast: auto = bf16 on CUDA if supported, else fp16; off on CPU",
                     choices=["auto", "bf16", "fp16", "off"])
     channels_last: bool = _opt(True, "keep conv weights in channels-last layout (2-3x faster on CPU via oneDNN, "
                                      "and on CUDA tensor cores)", action=argparse.BooleanOptionalAction)
     device: str = _opt("auto", "auto: CUDA when available, else CPU (gloo)", choices=["auto", "cuda", "cpu"])
-    eval_batch_size: int = _opt(2000, "batch size for validation and test evaluation")
-    overfit_batches: int = _opt(0, "debug: train and evaluate on the first N batches only (loss should go to ~0)")
-    log_every: int = _opt(20, "log train loss and lr to TensorBoard every N steps")
+    eval_batch_size: int = _opt(2000, "batch size for validation and test evaluation", type=POSITIVE_INT)
+    overfit_batches: int = _opt(0, "debug: train and evaluate on the first N batches only (loss should go to ~0)",
+                                type=NON_NEGATIVE_INT)
+    log_every: int = _opt(20, "log train loss and lr to TensorBoard every N steps", type=POSITIVE_INT)
     checkpoint_every_steps: int = _opt(0, "also save last.pt every N steps inside an epoch, so a killed worker "
-                                          "loses at most N steps (0: at epoch ends only)")
+                                          "loses at most N steps (0: at epoch ends only)", type=NON_NEGATIVE_INT)
     resume: bool | None = _opt(None, "--resume: continue from RUN_DIR/checkpoints/last.pt (error if absent); "
-                                     "--no-resume: start over; default: resume when last.pt exists",
+                                     "--no-resume: start over; default: resume when last.pt exists. "
+                                     f"May change on resume: {', '.join(MAY_CHANGE_ON_RESUME[:-1])}",
                                action=argparse.BooleanOptionalAction)
 
     def __post_init__(self) -> None:
@@ -62,8 +94,16 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def save(self, path: Path) -> None:
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+    def resume_conflicts(self, saved: dict[str, Any]) -> list[str]:
+        """`--flag saved -> now` for each flag in which this run would be another experiment than `saved`."""
+        return [f"--{name.replace('_', '-')} {saved.get(name)} -> {value}" for name, value in self.to_dict().items()
+                if name not in MAY_CHANGE_ON_RESUME and saved.get(name) != value]
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action: argparse.Action) -> str:
+        # A None default is described in the flag's own text; argparse would add "(default: None)".
+        return action.help if action.default is None else super()._get_help_string(action)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,13 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train an MNIST classifier with DistributedDataParallel and AMP. "
                     "Launch with torchrun for several processes: "
                     "torchrun --nproc_per_node=N -m distributed.train ...",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_Formatter,
     )
     for f in dataclasses.fields(TrainConfig):
         meta = dict(f.metadata)
         flag = "--" + f.name.replace("_", "-")
         if "action" not in meta:
-            meta["type"] = _arg_type(f.type)
+            meta.setdefault("type", _arg_type(f.type))
         parser.add_argument(flag, default=f.default, **meta)
     return parser
 
@@ -95,10 +135,4 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     ns = parser.parse_args(argv)
     if ns.model is not None and ns.model not in MODELS:
         parser.error(f"unknown --model {ns.model!r}: choose one of {', '.join(MODELS)}")
-    cfg = TrainConfig(**vars(ns))
-    for name in ("epochs", "batch_size", "eval_batch_size", "log_every"):
-        if getattr(cfg, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    if min(cfg.val_size, cfg.overfit_batches, cfg.checkpoint_every_steps) < 0:
-        parser.error("--val-size, --overfit-batches and --checkpoint-every-steps must not be negative")
-    return cfg
+    return TrainConfig(**vars(ns))

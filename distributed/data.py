@@ -5,6 +5,7 @@ That replaces the per-sample PIL -> ToTensor -> Normalize path, which costs ~7x 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -82,11 +83,33 @@ def random_affine(x: torch.Tensor, degrees: float = 10.0, scale: float = 0.1, sh
     return torch.nn.functional.grid_sample(x, grid, align_corners=False, padding_mode="zeros")
 
 
+IDX_MAGIC = {3: 0x0803, 1: 0x0801}  # unsigned bytes, 3 dims (images) or 1 (labels)
+
+
+def check_idx(path: Path, ndim: int) -> None:
+    """An extracted IDX file must be what its header says (the .gz md5 says nothing about it)."""
+    fix = (f"delete it and it is extracted again from {path.name}.gz" if path.with_name(path.name + ".gz").exists()
+           else "replace it with a good copy")
+    with open(path, "rb") as f:
+        header = f.read(4 + 4 * ndim)
+    fields = [int.from_bytes(header[i:i + 4], "big") for i in range(0, len(header), 4)]
+    expected = 4 + 4 * ndim + (math.prod(fields[1:]) if len(fields) == ndim + 1 else 0)
+    if len(fields) != ndim + 1 or fields[0] != IDX_MAGIC[ndim] or (ndim == 3 and fields[2:] != [28, 28]):
+        raise DataError(f"{path} is not an MNIST IDX file (bad header): {fix}")
+    if path.stat().st_size != expected:
+        raise DataError(f"{path} is damaged ({path.stat().st_size} bytes, its header says {expected}): {fix}")
+
+
 def read_mnist(root: str | Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Digits of one split as CPU tensors (uint8 images, int64 digits); downloads when absent."""
     from torchvision.datasets import MNIST  # deferred: torchvision costs ~2 s to import
 
     raw = Path(root) / "MNIST" / "raw"
+    prefix = "train" if train else "t10k"
+    images_file, labels_file = raw / f"{prefix}-images-idx3-ubyte", raw / f"{prefix}-labels-idx1-ubyte"
+    for path, ndim in ((images_file, 3), (labels_file, 1)):
+        if path.is_file():
+            check_idx(path, ndim)
     try:
         ds = MNIST(root=str(root), train=train, download=True)
     except PermissionError as e:
@@ -96,6 +119,11 @@ def read_mnist(root: str | Path, train: bool) -> tuple[torch.Tensor, torch.Tenso
         raise DataError(
             f"MNIST not found in {raw} and the download failed ({type(e).__name__}): "
             f"put {', '.join(MNIST_FILES)} in {raw}/ or allow network access") from None
+    if len(ds.data) != len(ds.targets):
+        raise DataError(f"{images_file} holds {len(ds.data)} images but {labels_file} {len(ds.targets)} labels: "
+                        f"replace both with good copies")
+    if len(ds.targets) and not 0 <= int(ds.targets.min()) <= int(ds.targets.max()) <= 9:
+        raise DataError(f"{labels_file} has labels outside 0-9: replace it with a good copy")
     return ds.data, ds.targets.long()
 
 
@@ -130,6 +158,18 @@ def steps_per_epoch(sampler: DistributedSampler, batch_size: int) -> int:
     return -(-len(sampler) // batch_size)
 
 
+def images_seen(sampler: DistributedSampler, batch_size: int, batches: int) -> int:
+    """Distinct images all ranks trained on in an epoch's first `batches` batches.
+
+    The sampler pads the split to a multiple of the world size by repeating its first indices; the
+    repeats are the last item of some ranks' shards, so they fall in the epoch's last batch.
+    """
+    per_rank = min(batches * batch_size, sampler.num_samples)
+    padding = sampler.total_size - len(sampler.dataset)
+    done = batches >= steps_per_epoch(sampler, batch_size)
+    return per_rank * sampler.num_replicas - (padding if done else 0)
+
+
 def eval_shard(n: int, rank: int, world_size: int, device: torch.device) -> torch.Tensor:
-    """A disjoint, unpadded shard: the union over ranks is every index exactly once."""
-    return torch.arange(rank, n, world_size, device=device)
+    """A disjoint, unpadded shard: the union over ranks is every index exactly once (empty when rank >= n)."""
+    return torch.arange(min(rank, n), n, world_size, device=device)

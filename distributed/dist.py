@@ -99,11 +99,6 @@ def teardown(peers_in_step: bool) -> None:
         dist.destroy_process_group()
 
 
-def barrier(env: DistEnv) -> None:
-    if env.is_distributed:
-        dist.barrier()
-
-
 def all_reduce_sum(tensor: torch.Tensor, env: DistEnv) -> torch.Tensor:
     if env.is_distributed:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
@@ -114,6 +109,24 @@ def all_ok(ok: bool, env: DistEnv) -> bool:
     """True only when every rank says ok: lets ranks fail together instead of hanging in a collective."""
     flag = torch.tensor([0 if ok else 1], dtype=torch.int32, device=env.device)
     return int(all_reduce_sum(flag, env).item()) == 0
+
+
+def any_rank(flags: list[bool], env: DistEnv) -> list[bool]:
+    """For each flag, whether any rank raised it: one small all-reduce for several questions."""
+    votes = torch.tensor([int(f) for f in flags], dtype=torch.int32, device=env.device)
+    return [bool(v) for v in all_reduce_sum(votes, env).tolist()]
+
+
+def sync_buffers(module: torch.nn.Module, env: DistEnv) -> None:
+    """Give every rank rank 0's buffers (BatchNorm running statistics).
+
+    DDP broadcasts rank 0's buffers at the start of each forward, then every rank updates its own copy
+    from its own batch: after the last step the replicas differ. Training never sees the difference (the
+    next forward overwrites it), but evaluation and checkpoints would, so both call this first.
+    """
+    if env.is_distributed:
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
 
 
 def all_gather_objects(obj: object, env: DistEnv) -> list:

@@ -1,10 +1,11 @@
-"""One training epoch and one exact, sharded evaluation, with autocast and gradient scaling."""
+"""The pieces of training: one optimiser step and one exact, sharded evaluation, with autocast and scaling.
+
+The loop that strings steps into epochs, checkpoints and stops lives in the trainer (distributed/train.py).
+"""
 from __future__ import annotations
 
-import time
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -12,8 +13,6 @@ from torch import nn
 
 from .data import Split
 from .dist import DistEnv, all_reduce_sum
-
-StepHook = Callable[[int, torch.Tensor], bool]  # (global step, detached loss) -> stop now?
 
 
 def amp_dtype(flag: str, device: torch.device) -> torch.dtype | None:
@@ -41,53 +40,26 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-@dataclass(frozen=True)
-class EpochStats:
-    loss: float  # mean training loss over this rank's batches
-    steps: int
-    stopped: bool  # the step hook asked to stop before the epoch's end
-    images: int  # this rank's images
-    seconds: float  # wall time of the training steps alone
-
-
-def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
-                    scaler: torch.amp.GradScaler, split: Split, batches: Iterable[torch.Tensor],
-                    dtype: torch.dtype | None, device: torch.device, first_step: int,
-                    on_step: StepHook | None = None, augment: bool = False,
-                    label_smoothing: float = 0.0) -> EpochStats:
-    model.train()
-    loss_sum = torch.zeros((), device=device)
-    steps = images = 0
-    stopped = False
-    synchronize(device)
-    start = time.perf_counter()
-    for index in batches:
-        x, y = split.batch(index, augment)
-        with autocast(device, dtype):
-            loss = F.cross_entropy(model(x), y, label_smoothing=label_smoothing)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        if scheduler is not None:
-            scheduler.step()
-        loss_sum += loss.detach()
-        steps += 1
-        images += len(index)
-        if on_step is not None and on_step(first_step + steps, loss.detach()):
-            stopped = True
-            break
-    synchronize(device)
-    seconds = time.perf_counter() - start
-    return EpochStats(loss_sum.item() / max(steps, 1), steps, stopped, images, seconds)
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer,
+               scheduler: torch.optim.lr_scheduler.LRScheduler | None, scaler: torch.amp.GradScaler,
+               x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype | None,
+               label_smoothing: float = 0.0) -> torch.Tensor:
+    """One optimiser step on one batch; returns the detached loss (still on the device: no host sync)."""
+    with autocast(x.device, dtype):
+        loss = F.cross_entropy(model(x), y, label_smoothing=label_smoothing)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    if scheduler is not None:
+        scheduler.step()
+    return loss.detach()
 
 
 @dataclass(frozen=True)
 class EvalResult:
     loss: float
     accuracy: float
-    correct: int
     count: int
     confusion: torch.Tensor  # [true, predicted] counts, on CPU
 
@@ -112,4 +84,4 @@ def evaluate(model: nn.Module, split: Split, shard: torch.Tensor, batch_size: in
     confusion = confusion.view(num_classes, num_classes).cpu()
     count = int(confusion.sum())
     correct = int(confusion.diagonal().sum())
-    return EvalResult(loss_sum.item() / max(count, 1), correct / max(count, 1), correct, count, confusion)
+    return EvalResult(loss_sum.item() / max(count, 1), correct / max(count, 1), count, confusion)

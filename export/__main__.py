@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import shutil
 import sys
@@ -15,14 +16,17 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from distributed.checkpoint import CheckpointError, write_json
+from distributed.checkpoint import CheckpointError
+from distributed.config import NON_NEGATIVE, number_in
 from distributed.data import MEAN, STD
+from distributed.files import write_json
 
-from .manifest import (FORMAT_VERSION, INPUT_NAME, MANIFEST, OUTPUT_NAME, ManifestError, file_entry,
-                       probe_images, read_manifest, sha256_file, verify_file)
+from .manifest import (FORMAT_VERSION, INPUT_NAME, MANIFEST, OUTPUT_NAME, ManifestError, file_entry, is_ours,
+                       load_json, probe_images, read_manifest, seal, sha256_file, verify_file)
 
 DEFAULT_OPSET = 20
 PROBE_SEED, PROBE_COUNT = 0, 16
+ARTIFACT_FILES = {"onnx": "model.onnx", "torchscript": "model.ts", "exported_program": "model.pt2"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,9 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--verify", metavar="DIR", help="re-check an export dir: sha256s, then output parity")
     p.add_argument("--out-dir", help="where the artifacts go (default: RUN_DIR/export)")
     p.add_argument("--data-dir", help="MNIST root for the parity set (default: the checkpoint's --data-dir)")
-    p.add_argument("--atol", type=float, default=1e-4, help="max |logit difference| any backend may show")
+    p.add_argument("--atol", type=NON_NEGATIVE, default=1e-4, help="max |logit difference| any backend may show")
     p.add_argument("--batch-sizes", default="1,7,1000", help="batch sizes the parity gate runs at")
-    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset")
+    p.add_argument("--opset", type=number_in(int, 18, 23), default=DEFAULT_OPSET, help="ONNX opset")
     return p
 
 
@@ -58,10 +62,10 @@ def versions() -> dict[str, str]:
             "python": platform.python_version()}
 
 
-def build_manifest(info: dict[str, Any], checkpoint: Path, staging: Path, method: str, opset: int,
-                   parity: dict[str, Any], reference: list[list[float]]) -> dict[str, Any]:
+def build_manifest(info: dict[str, Any], checkpoint: Path, artifacts: dict[str, Any], parity: dict[str, Any],
+                   reference: list[list[float]]) -> dict[str, Any]:
     classes = info["classes"]
-    return {
+    return seal({
         "format_version": FORMAT_VERSION,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model": {"name": info["name"], "task": info["task"], "classes": classes, "num_classes": len(classes)},
@@ -70,29 +74,36 @@ def build_manifest(info: dict[str, Any], checkpoint: Path, staging: Path, method
                   "normalization": {"mean": MEAN, "std": STD, "applied": "inside the model"}},
         "output": {"name": OUTPUT_NAME, "dtype": "float32", "shape": ["N", len(classes)],
                    "meaning": "unnormalised class scores in the order of model.classes; softmax for probabilities"},
-        "artifacts": {
-            "onnx": file_entry(staging / "model.onnx", opset=opset),
-            "torchscript": file_entry(staging / "model.ts", method=method),
-            "exported_program": file_entry(staging / "model.pt2"),
-        },
+        "artifacts": artifacts,
         "source": {"checkpoint": str(checkpoint.resolve()), "sha256": sha256_file(checkpoint),
                    "epoch": info["epoch"], "test_accuracy": info["metrics"].get("test_accuracy"),
                    "val_accuracy": info["metrics"].get("val_accuracy")},
         "versions": versions(),
         "parity": parity,
         "reference": {"seed": PROBE_SEED, "count": PROBE_COUNT, "logits": reference},
-    }
+    })
 
 
-def check_parity(model: Any, directory: Path, manifest: dict[str, Any], data_dir: str | None,
-                 batch_sizes: list[int], atol: float, failed: str) -> dict[str, Any]:
-    """The gate: every artifact in `directory` against the eager model; prints the table, raises
-    ParityError starting with `failed` when any backend is off."""
+def write_artifacts(model: Any, staging: Path, opset: int) -> dict[str, Any]:
+    """Every artifact file in `staging`; their manifest entries, keyed by artifact kind."""
+    from .formats import write_exported_program, write_onnx, write_torchscript
+
+    method = write_torchscript(model, staging / ARTIFACT_FILES["torchscript"])
+    write_exported_program(model, staging / ARTIFACT_FILES["exported_program"])
+    write_onnx(model, staging / ARTIFACT_FILES["onnx"], opset)
+    return {"onnx": file_entry(staging / ARTIFACT_FILES["onnx"], opset=opset),
+            "torchscript": file_entry(staging / ARTIFACT_FILES["torchscript"], method=method),
+            "exported_program": file_entry(staging / ARTIFACT_FILES["exported_program"])}
+
+
+def check_parity(model: Any, files: dict[str, Path], task: str, data_dir: str | None, batch_sizes: list[int],
+                 atol: float, failed: str) -> dict[str, Any]:
+    """The gate: every artifact file against the eager model; prints the table, raises ParityError starting
+    with `failed` when any backend is off."""
     from .parity import ParityError, eager_backend, failures, format_report, load_backends, parity_report, parity_set
 
-    images, labels, dataset = parity_set(data_dir, manifest["model"]["task"])
-    report = parity_report(eager_backend(model), load_backends(directory, manifest), images, labels,
-                           batch_sizes, atol)
+    images, labels, dataset = parity_set(data_dir, task)
+    report = parity_report(eager_backend(model), load_backends(files), images, labels, batch_sizes, atol)
     print(f"parity on {dataset}, batch sizes {batch_sizes}:")
     print(format_report(report))
     if not report["passed"]:
@@ -100,62 +111,75 @@ def check_parity(model: Any, directory: Path, manifest: dict[str, Any], data_dir
     return {"dataset": dataset, **report}
 
 
+def previous_export(out_dir: Path) -> dict[str, Any] | None:
+    """The manifest of the export that `out_dir` holds (None when it is new or empty); refuses any other folder,
+    before any work is done, so that an export never replaces what it did not write."""
+    if not out_dir.exists():
+        return None
+    if not out_dir.is_dir():
+        raise ManifestError(f"--out-dir {out_dir} is a file: choose a folder")
+    if not any(out_dir.iterdir()):
+        return None
+    if not is_ours(out_dir):
+        raise ManifestError(f"--out-dir {out_dir} holds files that are not an export of this tool: choose an empty "
+                            f"or new folder")
+    return load_json(out_dir / MANIFEST)
+
+
 def export_checkpoint(checkpoint: Path, out_dir: Path, data_dir: str | None, batch_sizes: list[int],
                       atol: float, opset: int) -> dict[str, Any]:
-    """Everything is built and gated in a staging dir beside out_dir, which only a passing export replaces."""
-    from .formats import write_exported_program, write_onnx, write_torchscript
+    """Everything is built and gated in a staging dir beside out_dir; only a passing export is installed."""
     from .parity import eager_backend
     from .wrap import load_for_export
 
+    old = previous_export(out_dir)
     model, info = load_for_export(checkpoint)
-    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / MANIFEST).exists():
-        raise ManifestError(f"--out-dir {out_dir} exists and is not an export dir: choose an empty or new folder")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.staging-", dir=out_dir.parent))
-    staging.chmod(0o755)
     try:
-        method = write_torchscript(model, staging / "model.ts")
-        write_exported_program(model, staging / "model.pt2")
-        write_onnx(model, staging / "model.onnx", opset)
+        artifacts = write_artifacts(model, staging, opset)
+        files = {kind: staging / entry["file"] for kind, entry in artifacts.items()}
+        parity = check_parity(model, files, info["task"], data_dir or info["data_dir"], batch_sizes, atol,
+                              failed="parity gate failed, nothing exported")
         reference = eager_backend(model)(probe_images(PROBE_SEED, PROBE_COUNT)).tolist()
-        manifest = build_manifest(info, checkpoint, staging, method, opset, {}, reference)
-        manifest["parity"] = check_parity(model, staging, manifest, data_dir or info["data_dir"], batch_sizes, atol,
-                                          failed="parity gate failed, nothing exported")
+        manifest = build_manifest(info, checkpoint, artifacts, parity, reference)
         write_json(staging / MANIFEST, manifest)
-        replace_dir(staging, out_dir)
+        install(staging, out_dir, manifest, old)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return manifest
 
 
-def replace_dir(new: Path, target: Path) -> None:
-    """Swap a finished dir into place: readers see the old export or the new one, never a mix."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{datetime.now().strftime('%Y%m%d%H%M%S%f')}")
-        target.rename(old)
-    new.rename(target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+def install(staging: Path, out_dir: Path, manifest: dict[str, Any], old: dict[str, Any] | None) -> None:
+    """Move the new files in one by one, the manifest last, then remove what the old manifest listed and the
+    new one does not. Nothing else in out_dir is touched. Each rename is atomic; a reader that comes between
+    them sees a manifest whose hashes do not match and refuses, never a mix that answers."""
+    out_dir.mkdir(exist_ok=True)
+    ours = [entry["file"] for entry in manifest["artifacts"].values()]
+    for name in ours + [MANIFEST]:
+        os.replace(staging / name, out_dir / name)
+    for entry in (old or {}).get("artifacts", {}).values():
+        name = entry.get("file") if isinstance(entry, dict) else None
+        if isinstance(name, str) and Path(name).name == name and name not in ours + [MANIFEST]:
+            (out_dir / name).unlink(missing_ok=True)
 
 
 def verify(directory: Path, data_dir: str | None, batch_sizes: list[int], atol: float) -> dict[str, Any]:
-    """Hashes first; then every backend against the eager logits the manifest recorded; then, when the source
-    checkpoint is still where it was (same sha256), the full parity gate against a fresh eager model."""
+    """Manifest digest and hashes first; then every backend against the eager logits the manifest recorded;
+    then, when the source checkpoint is still where it was (same sha256), the full gate against a fresh eager model."""
     import numpy as np
 
     from .parity import ParityError, compare, failures, load_backends
     from .wrap import load_for_export
 
     manifest = read_manifest(directory)
-    for backend in manifest["artifacts"]:
-        verify_file(directory, manifest, backend)
-    print(f"sha256 ok: {', '.join(e['file'] for e in manifest['artifacts'].values())}")
+    files = {kind: verify_file(directory, manifest, kind) for kind in manifest["artifacts"]}
+    print(f"manifest digest and sha256 ok: {', '.join(e['file'] for e in manifest['artifacts'].values())}")
     ref = manifest["reference"]
     images = probe_images(ref["seed"], ref["count"])
     expected = np.asarray(ref["logits"], dtype=np.float32)
     probe = {"count": ref["count"], "atol": atol, "backends": {
-        name: compare(expected, backend(images), None) for name, backend in load_backends(directory, manifest).items()}}
+        name: compare(expected, backend(images), None) for name, backend in load_backends(files).items()}}
     if failures(probe):
         raise ParityError(f"{directory}: artifacts disagree with the recorded eager logits: "
                           + "; ".join(failures(probe)))
@@ -163,7 +187,7 @@ def verify(directory: Path, data_dir: str | None, batch_sizes: list[int], atol: 
     source = Path(manifest["source"]["checkpoint"])
     if source.is_file() and sha256_file(source) == manifest["source"]["sha256"]:
         model, info = load_for_export(source)
-        check_parity(model, directory, manifest, data_dir or info["data_dir"], batch_sizes, atol,
+        check_parity(model, files, manifest["model"]["task"], data_dir or info["data_dir"], batch_sizes, atol,
                      failed=f"{directory}: parity gate failed")
     else:
         print(f"source checkpoint {source} not available: full parity not rerun")
@@ -196,6 +220,13 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, ManifestError, ParityError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:  # a full disk, an unwritable folder: nothing was installed
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or e}; nothing was exported or changed", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing was exported or changed", file=sys.stderr)
+        return 130
     files = ", ".join(f"{e['file']} ({human_size(e['bytes'])})" for e in manifest["artifacts"].values())
     print(f"exported {manifest['model']['name']} ({manifest['model']['task']}) to {out_dir}: {files}, {MANIFEST}")
     return 0

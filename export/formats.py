@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from distributed.checkpoint import atomic_write
+from distributed.files import atomic_write
 
 from .manifest import INPUT_NAME, OUTPUT_NAME
 

@@ -2,7 +2,7 @@
 
 Imports no torch: serve_cli reads artifacts through this module alone.
 
-manifest.json (format_version 1):
+manifest.json (format_version 2):
   model      {name, task, classes (output order), num_classes}
   input      {name, dtype, shape (["N", 1, 28, 28]), range, polarity, normalization {mean, std, applied}}
   output     {name, dtype, shape (["N", C])}
@@ -12,6 +12,11 @@ manifest.json (format_version 1):
   parity     {dataset, count, batch_sizes, atol, passed, backends {name: {max_abs_diff, top1_agreement, accuracy}}}
   reference  {seed, count, logits}: eager logits on a seeded probe set, for `--verify` without the checkpoint
   created    ISO 8601 time
+  digest     sha256 of the canonical JSON of every other field: an edited manifest (class names, their count,
+             a file name) is refused like an edited artifact
+
+Every field that changes an answer is checked on read: the digest, class count = output width, artifact
+files named inside the dir. serve_cli also runs the probe images at load and compares with `reference`.
 """
 from __future__ import annotations
 
@@ -22,9 +27,9 @@ from typing import Any
 
 import numpy as np
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
-REQUIRED = ("format_version", "model", "input", "output", "artifacts")
+REQUIRED = ("format_version", "model", "input", "output", "artifacts", "reference", "digest")
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
 
 
@@ -44,6 +49,32 @@ def file_entry(path: Path, **extra: Any) -> dict[str, Any]:
     return {"file": path.name, "bytes": path.stat().st_size, "sha256": sha256_file(path), **extra}
 
 
+def digest(manifest: dict[str, Any]) -> str:
+    body = {k: v for k, v in manifest.items() if k != "digest"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def seal(manifest: dict[str, Any]) -> dict[str, Any]:
+    return {**manifest, "digest": digest(manifest)}
+
+
+def load_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ManifestError(f"{path} is not valid JSON ({e})") from None
+
+
+def is_ours(directory: Path) -> bool:
+    """Whether `directory` holds a manifest of this tool (any format version), damaged or not."""
+    try:
+        m = load_json(directory / MANIFEST)
+    except ManifestError:
+        return False
+    return (isinstance(m, dict) and isinstance(m.get("format_version"), int) and isinstance(m.get("artifacts"), dict)
+            and all(k in m for k in ("model", "input", "output")))
+
+
 def read_manifest(directory: str | Path) -> dict[str, Any]:
     directory = Path(directory)
     path = directory / MANIFEST
@@ -51,17 +82,32 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
         hint = " (a checkpoint? export it first: python -m export --checkpoint FILE)" \
             if directory.is_file() else " (run python -m export first)"
         raise ManifestError(f"no {MANIFEST} in {directory}{hint}")
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ManifestError(f"{path} is not valid JSON ({e})") from None
+    manifest = load_json(path)
+    if isinstance(manifest, dict) and manifest.get("format_version") not in (None, FORMAT_VERSION):
+        raise ManifestError(f"{path} has format_version {manifest['format_version']}, this tool reads "
+                            f"{FORMAT_VERSION}: re-export with python -m export")
     missing = [k for k in REQUIRED if k not in manifest] if isinstance(manifest, dict) else list(REQUIRED)
     if missing:
         raise ManifestError(f"{path} lacks {', '.join(missing)}: re-export with python -m export")
-    if manifest["format_version"] != FORMAT_VERSION:
-        raise ManifestError(f"{path} has format_version {manifest['format_version']}, this tool reads "
-                            f"{FORMAT_VERSION}: re-export with this version")
+    if manifest["digest"] != digest(manifest):
+        raise ManifestError(f"{path} was changed after export (its digest does not match its content): "
+                            f"re-export with python -m export")
+    check_consistent(manifest, path)
     return manifest
+
+
+def check_consistent(manifest: dict[str, Any], path: Path) -> None:
+    """What the digest cannot catch in a manifest built wrongly: classes vs outputs, files outside the dir."""
+    model, classes = manifest["model"], manifest["model"].get("classes")
+    width = len(classes) if isinstance(classes, list) else -1
+    if (width < 1 or model.get("num_classes") != width or manifest["output"].get("shape") != ["N", width]
+            or any(len(row) != width for row in manifest["reference"]["logits"])):
+        raise ManifestError(f"{path}: the class list, num_classes, the output shape and the reference logits "
+                            f"disagree: re-export with python -m export")
+    for kind, entry in manifest["artifacts"].items():
+        name = entry.get("file") if isinstance(entry, dict) else None
+        if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+            raise ManifestError(f"{path}: artifact {kind} names {name!r}, which is not a file inside the export dir")
 
 
 def artifact_path(directory: str | Path, manifest: dict[str, Any], backend: str) -> Path:

@@ -11,7 +11,7 @@ from torch import nn
 
 from distributed.data import TASKS
 
-from .manifest import INPUT_NAME, artifact_path, probe_images
+from .manifest import INPUT_NAME, probe_images
 
 Backend = Callable[[np.ndarray], np.ndarray]  # float32 [N, 1, 28, 28] -> logits [N, C]
 
@@ -31,18 +31,22 @@ def eager_backend(model: nn.Module) -> Backend:
     return torch_backend(model.eval())
 
 
-def load_backends(directory: Path, manifest: dict[str, Any]) -> dict[str, Backend]:
+def load_backends(files: dict[str, Path]) -> dict[str, Backend]:
+    """A backend for each artifact file (keyed as in the manifest); ParityError when one cannot be loaded."""
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(artifact_path(directory, manifest, "onnx")),
-                                   providers=["CPUExecutionProvider"])
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*torch.jit.*deprecated")
-        scripted = torch.jit.load(str(artifact_path(directory, manifest, "torchscript")), map_location="cpu")
+    try:
+        session = ort.InferenceSession(str(files["onnx"]), providers=["CPUExecutionProvider"])
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*torch.jit.*deprecated")
+            scripted = torch.jit.load(str(files["torchscript"]), map_location="cpu")
+        program = torch.export.load(str(files["exported_program"])).module()
+    except Exception as e:  # each runtime has its own many error types; the user needs the first line
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ParityError(f"an artifact in {files['onnx'].parent} cannot be loaded ({reason}): re-export") from None
     return {
         "torchscript": torch_backend(scripted.eval()),
-        "exported_program": torch_backend(
-            torch.export.load(str(artifact_path(directory, manifest, "exported_program"))).module()),
+        "exported_program": torch_backend(program),
         "onnxruntime": lambda images: session.run(None, {INPUT_NAME: images})[0],
     }
 
@@ -65,6 +69,7 @@ def parity_set(data_dir: str | None, task: str, random_count: int = 1000) -> tup
 
 def compare(reference: np.ndarray, logits: np.ndarray, labels: np.ndarray | None) -> dict[str, Any]:
     return {
+        "finite": bool(np.isfinite(logits).all()),
         "max_abs_diff": float(np.abs(reference - logits).max()),
         "top1_agreement": float((reference.argmax(1) == logits.argmax(1)).mean()),
         "accuracy": float((logits.argmax(1) == labels).mean()) if labels is not None else None,
@@ -81,7 +86,8 @@ def parity_report(reference: Backend, backends: dict[str, Backend], images: np.n
         per_size = [compare(ref, ref if backend is reference and bs == largest else run_batched(backend, images, bs),
                             labels) for bs in batch_sizes]
         results[name] = {
-            "max_abs_diff": max(r["max_abs_diff"] for r in per_size),
+            "finite": all(r["finite"] for r in per_size),
+            "max_abs_diff": max((r["max_abs_diff"] for r in per_size), key=lambda d: np.inf if np.isnan(d) else d),
             "top1_agreement": min(r["top1_agreement"] for r in per_size),
             "accuracy": per_size[-1]["accuracy"],
         }
@@ -90,10 +96,12 @@ def parity_report(reference: Backend, backends: dict[str, Backend], images: np.n
 
 
 def failures(report: dict[str, Any]) -> list[str]:
-    return [f"{name}: max |logit diff| {r['max_abs_diff']:.3g} (atol {report['atol']:g}), "
-            f"top-1 agreement {r['top1_agreement']:.4%}"
+    """Every backend that is off, in words. NaN never passes: `not diff <= atol` is true for it."""
+    return [f"{name}: " + ("NaN or infinite logits" if not r["finite"] else
+                           f"max |logit diff| {r['max_abs_diff']:.3g} (atol {report['atol']:g}), "
+                           f"top-1 agreement {r['top1_agreement']:.4%}")
             for name, r in report["backends"].items()
-            if r["max_abs_diff"] > report["atol"] or r["top1_agreement"] < 1.0]
+            if not r["finite"] or not r["max_abs_diff"] <= report["atol"] or r["top1_agreement"] < 1.0]
 
 
 def format_report(report: dict[str, Any]) -> str:

@@ -28,19 +28,17 @@ class InferenceModel(nn.Module):
 def load_for_export(path: str | Path) -> tuple[InferenceModel, dict[str, Any]]:
     """Rebuild the network from the checkpoint's own config; CPU, fp32, eval mode (works for GPU checkpoints)."""
     state = checkpoint.load(path, map_location="cpu")
-    config = state["config"]
-    name, task = config.get("model"), config.get("task")
+    info = checkpoint.summary(state)
+    name, task = info["name"], info["task"]
     if name not in MODELS:
         raise checkpoint.CheckpointError(f"{path} names model {name!r}, which this version does not know "
                                          f"(known: {', '.join(MODELS)})")
     if task not in TASKS:
         raise checkpoint.CheckpointError(f"{path} names task {task!r}; known: {', '.join(TASKS)}")
-    classes = list(state.get("classes") or TASKS[task].classes)
+    classes = list(info["classes"] or TASKS[task].classes)
     net = build_model(name, len(classes))
     try:
         net.load_state_dict({k: v.float() for k, v in state["model"].items()})
-    except RuntimeError as e:
-        raise checkpoint.CheckpointError(f"{path}: weights do not fit {name} ({str(e).splitlines()[0]})") from None
-    info = {"name": name, "task": task, "classes": classes, "epoch": state["epoch"],
-            "metrics": state.get("metrics") or {}, "data_dir": config.get("data_dir")}
-    return InferenceModel(net).eval(), info
+    except (RuntimeError, AttributeError, TypeError) as e:
+        raise checkpoint.CheckpointError(f"{path}: weights do not fit {name} ({str(e).splitlines()[0][:160]})") from None
+    return InferenceModel(net).eval(), {**info, "classes": classes}

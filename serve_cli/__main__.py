@@ -8,30 +8,40 @@ Exit status: 0 every file predicted; 1 some files failed (error rows say why); 2
 from __future__ import annotations
 
 import argparse
-import functools
 import itertools
 import json
-import multiprocessing
 import os
+import signal
 import sys
 import tempfile
 import time
-from collections import deque
-from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Executor
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, TextIO
+from typing import Iterable, Iterator, TextIO
 
 import numpy as np
 
-from .images import ImageError, find_images, load_digit
-from .model import MODEL_ENV, LoadedModel, ModelError, Runtime, default_model_dir, open_manifest, resolve_model, softmax
+from .images import IMAGE_SUFFIXES, find_images
+from .model import MODEL_ENV, LoadedModel, ModelError, default_model_dir, open_manifest, resolve_model, softmax
 from .output import WRITERS, Row
+from .pool import Chunk, processed_batches, worker_pool
 
 
 class UsageError(RuntimeError):
     """The command cannot do its job at all: exit 2 with one line."""
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM: stop promptly, leave no partial output file."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def raise_interrupted(signum: int, frame: object) -> None:
+    raise Interrupted(signum)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,81 +69,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-@dataclass
-class Chunk:
-    """One batch back from a worker: a reason per failed file, and logits when the worker holds the
-    model (else the decoded images, for the model in the main process)."""
-    errors: list[str | None]
-    logits: np.ndarray | None = None
-    images: np.ndarray | None = None
-
-
-_worker_model: Callable[[np.ndarray], np.ndarray] | None = None  # per pool process, set once at its start
-
-
-def start_worker(runtime: Runtime | None) -> None:
-    global _worker_model
-    if runtime is None:
-        return
-    try:
-        _worker_model = runtime.build()[1]
-    except ModelError as e:  # raised from each batch, so the main process reports it as one line
-        _worker_model = functools.partial(_fail, str(e))
-
-
-def _fail(message: str, images: np.ndarray) -> np.ndarray:
-    raise ModelError(message)
-
-
-def decode(paths: list[Path]) -> tuple[list[np.ndarray], list[str | None]]:
-    """Each file's digit or the reason it has none; never raises, so one bad file cannot stop the run."""
-    digits: list[np.ndarray] = []
-    errors: list[str | None] = []
-    for path in paths:
-        try:
-            digits.append(load_digit(path))
-            errors.append(None)
-        except ImageError as e:
-            errors.append(str(e))
-        except Exception as e:  # a decoder bug must cost one row, not the run
-            errors.append(f"unexpected {type(e).__name__}: {str(e)[:120]}")
-    return digits, errors
-
-
-def process_batch(paths: list[Path]) -> Chunk:
-    digits, errors = decode(paths)
-    if not digits:
-        return Chunk(errors)
-    images = np.stack(digits)[:, None]
-    if _worker_model is None:
-        return Chunk(errors, images=images)
-    return Chunk(errors, logits=_worker_model(images))
-
-
-def worker_pool(workers: int, runtime: Runtime | None) -> Executor:
-    """Forked processes that decode and, given a CPU `runtime`, also run the model on what they decoded:
-    every core then does both, and only logits cross back. Processes, not threads: decoding is
-    Python-heavy and holds the GIL (measured here: 2 threads decode at half the rate of 1)."""
-    if workers == 1:
-        return ThreadPoolExecutor(1)  # one decoder beside the model, without a process to start
-    fork = multiprocessing.get_context("fork") if "fork" in multiprocessing.get_all_start_methods() else None
-    return ProcessPoolExecutor(workers, mp_context=fork, initializer=start_worker, initargs=(runtime,))
-
-
-def processed_batches(paths: Iterable[Path], pool: Executor, batch_size: int,
-                      in_flight: int) -> Iterator[tuple[list[Path], Chunk]]:
-    """Batches in input order; at most `in_flight` are submitted and not yet collected."""
-    pending: deque[tuple[list[Path], Future]] = deque()
-    for batch in iter(lambda: list(itertools.islice(paths, batch_size)), []):
-        pending.append((batch, pool.submit(process_batch, batch)))
-        if len(pending) >= in_flight:
-            path_batch, future = pending.popleft()
-            yield path_batch, future.result()
-    while pending:
-        path_batch, future = pending.popleft()
-        yield path_batch, future.result()
-
-
 def predict_rows(batch: list[Path], chunk: Chunk, model: LoadedModel | None, classes: list[str],
                  top_k: int) -> list[Row]:
     logits = chunk.logits
@@ -157,14 +92,22 @@ def predict_rows(batch: list[Path], chunk: Chunk, model: LoadedModel | None, cla
 
 @contextmanager
 def open_output(path: str | None) -> Iterator[TextIO]:
-    """stdout, or a temp file beside `path` that replaces it only when the run completes."""
+    """stdout, or a temp file beside `path` that replaces it only when the run completes.
+
+    The temp file is made first, so an unwritable place fails before any work is done.
+    """
     if path is None:
+        if hasattr(sys.stdout, "reconfigure"):  # file names that are not UTF-8 print as their bytes
+            sys.stdout.reconfigure(errors="surrogateescape")
         yield sys.stdout
         return
     target = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
     try:
-        with os.fdopen(fd, "w") as stream:
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
+    except OSError as e:
+        raise UsageError(f"--output {path}: cannot write in {target.parent} ({e.strerror})") from None
+    try:
+        with os.fdopen(fd, "w", errors="surrogateescape") as stream:
             yield stream
         os.chmod(tmp, 0o644)
         os.replace(tmp, target)
@@ -173,8 +116,27 @@ def open_output(path: str | None) -> Iterator[TextIO]:
         raise
 
 
+def check_output(output: str | None, inputs: list[str], recursive: bool) -> None:
+    """--output must be a new or regular file that is not one of the inputs (it would be overwritten)."""
+    if output is None:
+        return
+    target = Path(output)
+    if target.is_dir():
+        raise UsageError(f"--output {output} is a folder: give a file name")
+    if not target.parent.is_dir():
+        raise UsageError(f"--output {output}: folder {target.parent} does not exist")
+    if not target.exists():
+        return
+    real = target.resolve()
+    for item in map(Path, inputs):
+        folder = item.resolve()
+        listed = real.suffix.lower() in IMAGE_SUFFIXES and (real.parent == folder or (recursive and folder in real.parents))
+        if (item.is_file() and folder == real) or (item.is_dir() and listed):
+            raise UsageError(f"--output {output} is one of the input images: choose another file name")
+
+
 def check_inputs(inputs: list[str], recursive: bool) -> Iterator[Path]:
-    missing = [i for i in inputs if not os.path.exists(i)]
+    missing = [i for i in inputs if not os.path.lexists(i)]
     if missing:
         raise UsageError(f"no such file or folder: {missing[0]}")
     paths = find_images(inputs, recursive)
@@ -188,46 +150,48 @@ def check_inputs(inputs: list[str], recursive: bool) -> Iterator[Path]:
 def predict(args: argparse.Namespace) -> int:
     if args.batch_size < 1 or args.workers < 1 or args.top_k < 0 or args.threads < 0:
         raise UsageError("--batch-size and --workers must be at least 1, --top-k and --threads at least 0")
-    if args.output and not Path(args.output).parent.is_dir():
-        raise UsageError(f"--output {args.output}: folder {Path(args.output).parent} does not exist")
+    check_output(args.output, args.inputs, args.recursive)
     paths = check_inputs(args.inputs, args.recursive)
     model_dir = Path(args.model) if args.model else default_model_dir()
     start = time.perf_counter()
-    manifest, runtime = resolve_model(model_dir, args.backend, args.threads or None)
-    # On the CPU each worker runs its own model copy, one thread each unless --threads says otherwise;
-    # a GPU session stays single, in this process, fed by the workers' decoded images.
-    in_workers = args.workers > 1 and runtime.on_cpu
-    worker_runtime = runtime.with_threads(args.threads or 1) if in_workers else None
-    with worker_pool(args.workers, worker_runtime) as pool:
-        model = None if in_workers else LoadedModel(model_dir, manifest, *runtime.build())
-        backend = model.backend if model else runtime.name
-        count, failed = run_predictions(args, paths, model, manifest["model"]["classes"], pool)
+    with open_output(args.output) as stream:
+        manifest, runtime = resolve_model(model_dir, args.backend, args.threads or None)
+        # On the CPU each worker runs its own model copy, one thread each unless --threads says otherwise;
+        # a GPU session stays single, in this process, fed by the workers' decoded images.
+        in_workers = args.workers > 1 and runtime.on_cpu
+        worker_runtime = runtime.with_threads(args.threads or 1) if in_workers else None
+        pool = worker_pool(args.workers, worker_runtime)
+        try:
+            model = None if in_workers else LoadedModel(*runtime.build())
+            count, failed = run_predictions(stream, paths, pool, model, manifest["model"]["classes"], args.format,
+                                            args.batch_size, 2 * args.workers, args.top_k)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
     seconds = time.perf_counter() - start
     where = f", {args.workers} workers" if in_workers else ""
     print(f"{count:,} images, {failed:,} failed, {seconds:.2f}s, {count / seconds:,.0f} images/s "
-          f"[{backend}{where}, model {model_dir}]", file=sys.stderr)
+          f"[{model.backend if model else runtime.name}{where}, model {model_dir}]", file=sys.stderr)
     return 1 if failed else 0
 
 
-def run_predictions(args: argparse.Namespace, paths: Iterable[Path], model: LoadedModel | None,
-                    classes: list[str], pool: Executor) -> tuple[int, int]:
+def run_predictions(stream: TextIO, paths: Iterable[Path], pool: Executor, model: LoadedModel | None,
+                    classes: list[str], format: str, batch_size: int, in_flight: int, top_k: int) -> tuple[int, int]:
     """Stream rows batch by batch; (images, failures)."""
     show_progress = sys.stderr.isatty()
     count = failed = 0
     start = time.perf_counter()
-    with open_output(args.output) as stream:
-        writer = None  # made at the first rows: a run that fails before any prediction prints nothing
-        for batch, chunk in processed_batches(paths, pool, args.batch_size, in_flight=2 * args.workers):
-            rows = predict_rows(batch, chunk, model, classes, args.top_k)
-            writer = writer or WRITERS[args.format](stream)
-            for row in rows:
-                writer.write(row)
-                failed += row.error is not None
-            count += len(batch)
-            stream.flush()
-            if show_progress:
-                rate = count / (time.perf_counter() - start)
-                print(f"\r{count:,} images, {rate:,.0f}/s", end="", file=sys.stderr, flush=True)
+    writer = None  # made at the first rows: a run that fails before any prediction prints nothing
+    for batch, chunk in processed_batches(paths, pool, batch_size, in_flight):
+        rows = predict_rows(batch, chunk, model, classes, top_k)
+        writer = writer or WRITERS[format](stream)
+        for row in rows:
+            writer.write(row)
+            failed += row.error is not None
+        count += len(batch)
+        stream.flush()
+        if show_progress:
+            rate = count / (time.perf_counter() - start)
+            print(f"\r{count:,} images, {rate:,.0f}/s", end="", file=sys.stderr, flush=True)
     if show_progress:
         print(file=sys.stderr)
     return count, failed
@@ -284,6 +248,7 @@ def describe(directory: Path, m: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    previous = {signum: signal.signal(signum, raise_interrupted) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         return predict(args) if args.command == "predict" else info(args)
     except (UsageError, ModelError) as e:
@@ -292,6 +257,16 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `serve_cli predict ... | head` is fine
         sys.stderr.close()
         return 0
+    except Interrupted as e:
+        print(f"serve_cli: interrupted by signal {e.signum}; no --output file was written", file=sys.stderr)
+        return 128 + e.signum
+    except OSError as e:  # a full disk while writing rows
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"serve_cli: error: {where}{e.strerror or e}; no --output file was written", file=sys.stderr)
+        return 1
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 if __name__ == "__main__":

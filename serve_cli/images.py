@@ -8,6 +8,7 @@ so MNIST test images saved as PNG give exactly the in-memory predictions.
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 from typing import Iterator
 
@@ -27,29 +28,59 @@ class ImageError(ValueError):
 
 
 def find_images(inputs: list[str], recursive: bool) -> Iterator[Path]:
-    """Files as given, then each folder's image files in sorted order (sub-folders too with recursive)."""
+    """Files as given, then each folder's image files in sorted order (sub-folders too with recursive).
+
+    Never raises and never loops: a folder that cannot be listed is yielded itself (load_digit then says why,
+    as an error row), and a folder reached twice through links is walked once.
+    """
+    seen: set[tuple[int, int]] = set()
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            yield from _walk(path, recursive)
+            yield from _walk(path, recursive, seen)
         else:
             yield path
 
 
-def _walk(folder: Path, recursive: bool) -> Iterator[Path]:
-    # One folder's listing at a time: memory stays flat however many files there are.
-    with os.scandir(folder) as it:
-        entries = sorted(it, key=lambda e: e.name)
+def _walk(folder: Path, recursive: bool, seen: set[tuple[int, int]]) -> Iterator[Path]:
+    try:
+        info = folder.stat()
+        if (info.st_dev, info.st_ino) in seen:  # a link back up the tree: already walked
+            return
+        seen.add((info.st_dev, info.st_ino))
+        # One folder's listing at a time: memory stays flat however many files there are.
+        with os.scandir(folder) as it:
+            entries = sorted(it, key=lambda e: e.name)
+    except OSError:
+        yield folder
+        return
     for entry in entries:
         if entry.is_dir():
             if recursive:
-                yield from _walk(Path(entry.path), recursive)
+                yield from _walk(Path(entry.path), recursive, seen)
         elif Path(entry.name).suffix.lower() in IMAGE_SUFFIXES:
             yield Path(entry.path)
 
 
+def check_regular(path: Path) -> None:
+    """Only regular files are opened: a pipe or device would block the reader forever."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise ImageError("no such file (or a link to nothing)") from None
+    except PermissionError:
+        raise ImageError("permission denied") from None
+    except OSError as e:  # a link loop, a name too long
+        raise ImageError(f"cannot read ({e.strerror})") from None
+    if stat.S_ISDIR(mode):
+        raise ImageError("a folder that cannot be listed (permission denied?)")
+    if not stat.S_ISREG(mode):
+        raise ImageError("not a regular file (a pipe, socket or device)")
+
+
 def load_digit(path: Path) -> np.ndarray:
     """The file as an MNIST-style float32 [28, 28] image; ImageError with a short reason otherwise."""
+    check_regular(path)
     try:
         with Image.open(path) as img:
             if img.width * img.height > Image.MAX_IMAGE_PIXELS:

@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from export.manifest import INPUT_NAME, ManifestError, read_manifest, verify_file
+from export.manifest import INPUT_NAME, ManifestError, probe_images, read_manifest, verify_file
 
 MODEL_ENV = "SERVE_CLI_MODEL"
 ARTIFACT_OF = {"onnxruntime": "onnx", "torchscript": "torchscript"}  # runtime -> manifest artifact key
@@ -29,6 +29,7 @@ class Runtime:
     path: Path
     providers: tuple[str, ...] = ("CPUExecutionProvider",)  # ONNX Runtime's, in order of preference
     threads: int | None = None  # intra-op threads; None: the runtime's choice
+    reference: tuple[int, np.ndarray | None, float] = (0, None, 0.0)  # probe seed, expected logits, tolerance
 
     @property
     def on_cpu(self) -> bool:
@@ -45,17 +46,33 @@ class Runtime:
         """(what actually runs, e.g. "onnxruntime (CPUExecutionProvider)"; images -> logits)."""
         try:
             if self.kind == "torchscript":
-                return _torchscript(self.path, self.threads)
-            return _onnxruntime(self.path, self.providers, self.threads)
+                name, run = _torchscript(self.path, self.threads)
+            else:
+                name, run = _onnxruntime(self.path, self.providers, self.threads)
+            answers = self._probe(run)
         except Exception as e:  # the runtime's own errors are many and multi-line; the user needs one line
             reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
             raise ModelError(f"{self.path} cannot be loaded by {self.kind} ({reason}): re-export it") from None
+        if answers is not None:
+            raise ModelError(f"{self.path} {answers}: the export dir was tampered with; re-export it")
+        return name, run
+
+    def _probe(self, run: Callable[[np.ndarray], np.ndarray]) -> str | None:
+        """Run the manifest's probe images: what is wrong with the answers, or None when they are the recorded
+        ones (same class count, logits within the export's parity tolerance)."""
+        seed, expected, tolerance = self.reference
+        if expected is None:
+            return None
+        logits = run(probe_images(seed, len(expected)))
+        if logits.shape != expected.shape:
+            return f"answers {logits.shape[-1]} classes, but the manifest lists {expected.shape[-1]}"
+        if not np.abs(logits - expected).max() <= tolerance:
+            return "does not give the answers its manifest recorded at export"
+        return None
 
 
 @dataclass(frozen=True)
 class LoadedModel:
-    directory: Path
-    manifest: dict[str, Any]
     backend: str  # what actually runs, e.g. "onnxruntime (CPUExecutionProvider)"
     run: Callable[[np.ndarray], np.ndarray]  # float32 [N, 1, 28, 28] -> logits [N, C]
 
@@ -98,13 +115,16 @@ def resolve_model(directory: Path, backend: str = "auto",
 
         if "CUDAExecutionProvider" in ort.get_available_providers():
             providers = ("CUDAExecutionProvider", *providers)
-    return manifest, Runtime(kind, path, providers, threads)
+    ref = manifest["reference"]
+    # The gate's tolerance; a CUDA provider's kernels differ from the CPU reference by more than that.
+    tolerance = float((manifest.get("parity") or {}).get("atol", 1e-4)) * (1 if providers[0].startswith("CPU") else 100)
+    reference = (ref["seed"], np.asarray(ref["logits"], dtype=np.float32), tolerance)
+    return manifest, Runtime(kind, path, providers, threads, reference)
 
 
 def load_model(directory: Path, backend: str = "auto", threads: int | None = None) -> LoadedModel:
-    manifest, runtime = resolve_model(directory, backend, threads)
-    name, run = runtime.build()
-    return LoadedModel(directory, manifest, name, run)
+    _, runtime = resolve_model(directory, backend, threads)
+    return LoadedModel(*runtime.build())
 
 
 def _onnxruntime(path: Path, providers: tuple[str, ...], threads: int | None) -> tuple[str, Callable]:

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from distributed import checkpoint, dist
+from distributed.files import atomic_write
 
 
 def test_more_ranks_than_gpus_is_a_clear_error(monkeypatch) -> None:
@@ -40,9 +41,10 @@ def test_fingerprint_sees_any_change() -> None:
 
 def test_atomic_save_and_load(tmp_path: Path) -> None:
     path = tmp_path / "ck" / "last.pt"
-    checkpoint.save(path, {"model": {"w": torch.ones(2)}, "config": {"model": "mlp"}, "epoch": 1})
+    checkpoint.save(path, {"model": {"w": torch.ones(2)}, "config": {"model": "mlp"}, "run": {"epoch": 1}})
     state = checkpoint.load(path)
-    assert state["epoch"] == 1 and torch.equal(state["model"]["w"], torch.ones(2))
+    assert state["run"]["epoch"] == 1 and torch.equal(state["model"]["w"], torch.ones(2))
+    assert state["version"] == checkpoint.CHECKPOINT_VERSION
     assert [p.name for p in path.parent.iterdir()] == ["last.pt"]
 
 
@@ -55,7 +57,7 @@ def test_failed_save_leaves_old_file_and_no_temp(tmp_path: Path) -> None:
         raise OSError("disk full")
 
     with pytest.raises(OSError):
-        checkpoint.atomic_write(path, explode)
+        atomic_write(path, explode)
     assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["last.pt"]
 
 
@@ -78,7 +80,7 @@ def test_pickled_objects_are_never_unpickled(tmp_path: Path) -> None:
         def __reduce__(self):
             return (exec, ("raise SystemExit('executed')",))
 
-    torch.save({"model": Evil(), "config": {}, "epoch": 0}, tmp_path / "evil.pt")
+    torch.save({"version": 2, "model": Evil(), "config": {}, "run": {}}, tmp_path / "evil.pt")
     with pytest.raises(checkpoint.CheckpointError):
         checkpoint.load(tmp_path / "evil.pt")
 
@@ -86,3 +88,10 @@ def test_pickled_objects_are_never_unpickled(tmp_path: Path) -> None:
 def test_missing_checkpoint(tmp_path: Path) -> None:
     with pytest.raises(checkpoint.CheckpointError, match="checkpoint not found"):
         checkpoint.load(tmp_path / "nope.pt")
+
+
+@pytest.mark.parametrize("version", [3, "2", None])
+def test_future_or_foreign_version_is_refused(tmp_path: Path, version) -> None:
+    torch.save({"version": version, "model": {}, "config": {}, "run": {}}, tmp_path / "v.pt")
+    with pytest.raises(checkpoint.CheckpointError, match="checkpoint version"):
+        checkpoint.load(tmp_path / "v.pt")

@@ -14,7 +14,7 @@ from distributed import checkpoint
 from distributed.data import TASKS
 from distributed.models import MODELS, build_model
 from export.__main__ import main
-from export.manifest import read_manifest, sha256_file
+from export.manifest import read_manifest, seal, sha256_file
 
 BACKENDS = {"eager", "torchscript", "exported_program", "onnxruntime"}
 
@@ -22,7 +22,7 @@ BACKENDS = {"eager", "torchscript", "exported_program", "onnxruntime"}
 def make_checkpoint(path: Path, model: str, task: str, data_dir: Path | None, device: str = "cpu") -> Path:
     torch.manual_seed(0)
     net = build_model(model, TASKS[task].num_classes).to(device)
-    checkpoint.save(path, {"model": net.state_dict(), "epoch": 1, "classes": list(TASKS[task].classes),
+    checkpoint.save(path, {"model": net.state_dict(), "run": {"epoch": 1}, "classes": list(TASKS[task].classes),
                            "config": {"model": model, "task": task, "data_dir": str(data_dir) if data_dir else None},
                            "metrics": {"test_accuracy": 0.5}})
     return path
@@ -56,7 +56,7 @@ def test_torchrun_checkpoint_exports_end_to_end(exported: Path, ddp_run: Path) -
     manifest = read_manifest(exported)
     best = ddp_run / "checkpoints" / "best.pt"
     assert manifest["source"]["sha256"] == sha256_file(best)
-    assert manifest["source"]["epoch"] == checkpoint.load(best)["epoch"]
+    assert manifest["source"]["epoch"] == checkpoint.load(best)["run"]["epoch"]
     assert manifest["input"]["shape"] == ["N", 1, 28, 28] and manifest["output"]["shape"] == ["N", 10]
     assert manifest["input"]["normalization"]["applied"] == "inside the model"
     assert {"torch", "onnx", "onnxruntime"} <= manifest["versions"].keys()
@@ -84,7 +84,7 @@ def test_verify_catches_a_sha_mismatch(exported: Path, tmp_path: Path, capsys) -
     broken = Path(shutil.copytree(exported, tmp_path / "e"))
     manifest = json.loads((broken / "manifest.json").read_text())
     manifest["artifacts"]["torchscript"]["sha256"] = "0" * 64
-    (broken / "manifest.json").write_text(json.dumps(manifest))
+    (broken / "manifest.json").write_text(json.dumps(seal(manifest)))  # a tamperer who re-seals
     assert main(["--verify", str(broken)]) == 1
     assert "model.ts does not match its sha256" in capsys.readouterr().err
 
@@ -101,7 +101,7 @@ def test_verify_catches_a_perturbed_onnx_weight(exported: Path, tmp_path: Path, 
     manifest = json.loads((broken / "manifest.json").read_text())
     manifest["artifacts"]["onnx"].update(sha256=sha256_file(broken / "model.onnx"),
                                          bytes=(broken / "model.onnx").stat().st_size)
-    (broken / "manifest.json").write_text(json.dumps(manifest))
+    (broken / "manifest.json").write_text(json.dumps(seal(manifest)))
     assert main(["--verify", str(broken)]) == 1
     err = capsys.readouterr().err
     assert "onnxruntime: max |logit diff|" in err and "torchscript" not in err
@@ -130,7 +130,7 @@ def test_refuses_to_overwrite_a_folder_that_is_not_an_export(synthetic_data, tmp
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
     assert main(["--checkpoint", str(ckpt), "--out-dir", str(tmp_path / "mine")]) == 1
-    assert "is not an export dir" in capsys.readouterr().err
+    assert "not an export of this tool" in capsys.readouterr().err
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
 
 

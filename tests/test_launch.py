@@ -41,7 +41,7 @@ def wait_for_step(last: Path, step: int, proc: subprocess.Popen, timeout: float 
     while time.time() < deadline:
         assert proc.poll() is None, "training ended before it could be interrupted"
         if last.exists():
-            reached = checkpoint.load(last)["step"]
+            reached = checkpoint.load(last)["run"]["step"]
             if reached >= step:
                 return reached
         time.sleep(0.05)
@@ -105,7 +105,7 @@ def test_checkpoint_survives_kill_during_save(tmp_path: Path) -> None:
     writer = ("import sys, torch; from pathlib import Path; from distributed import checkpoint\n"
               "big = {'w': torch.randn(4_000_000)}\n"
               "for i in range(10_000):\n"
-              "    checkpoint.save(Path(sys.argv[1]), {'model': big, 'config': {}, 'epoch': i})\n")
+              "    checkpoint.save(Path(sys.argv[1]), {'model': big, 'config': {}, 'run': {'epoch': i}})\n")
     for delay in (0.3, 0.6, 0.9, 1.2):
         proc = subprocess.Popen([sys.executable, "-c", writer, str(path)], cwd=ROOT)
         time.sleep(delay + 2.5)  # past torch's import
@@ -126,10 +126,10 @@ def test_sigterm_saves_a_checkpoint_and_rerun_resumes(bigger_data, tmp_path: Pat
     assert proc.returncode != 0
     assert "stopped by signal 15" in err and "run the same command again to resume" in err, err[-3000:]
     stopped_at = checkpoint.load(tmp_path / "checkpoints" / "last.pt")
-    assert stopped_at["step"] > 92  # saved at the stop, not only at the end of epoch 1
+    assert stopped_at["run"]["step"] > 92  # saved at the stop, not only at the end of epoch 1
     rerun = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-3000:]
-    assert f"step {stopped_at['step']}" in rerun.stdout
+    assert f"step {stopped_at['run']['step']}" in rerun.stdout
     assert json.loads((tmp_path / "metrics.json").read_text())["epochs"] == 3
 
 

@@ -19,6 +19,7 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT, synthetic_digits
+from export.manifest import seal
 from serve_cli.__main__ import main
 from serve_cli.images import load_digit
 
@@ -271,7 +272,7 @@ def test_usage_errors_exit_2_with_one_line(case: str, exported_run: Path, tmp_pa
         (tmp_path / "unloadable" / "model.onnx").write_bytes(junk)
         manifest = json.loads((tmp_path / "unloadable" / "manifest.json").read_text())
         manifest["artifacts"]["onnx"].update(sha256=hashlib.sha256(junk).hexdigest(), bytes=len(junk))
-        (tmp_path / "unloadable" / "manifest.json").write_text(json.dumps(manifest))
+        (tmp_path / "unloadable" / "manifest.json").write_text(json.dumps(seal(manifest)))
     workers = "2" if case.endswith("in_workers") else "1"
     assert main(["predict", inputs, "--model", model, "--workers", workers]) == 2
     captured = capsys.readouterr()

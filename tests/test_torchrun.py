@@ -24,7 +24,7 @@ def test_two_ranks_end_with_identical_weights(ddp_run: Path) -> None:
     hashes = metrics["replica_weight_sha256"]
     assert len(hashes) == 2 and hashes[0] == hashes[1]
     # 576 training images, 64 per rank per step -> ceil(288 / 64) = 5 steps an epoch
-    assert checkpoint.load(ddp_run / "checkpoints" / "last.pt")["step"] == 10
+    assert checkpoint.load(ddp_run / "checkpoints" / "last.pt")["run"]["step"] == 10
     assert metrics["train_images"] == 2 * 576
 
 

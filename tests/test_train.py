@@ -52,9 +52,9 @@ def test_metrics_json(run_dir: Path) -> None:
 def test_checkpoints_load_with_weights_only(run_dir: Path) -> None:
     for name in ("last.pt", "best.pt"):
         state = torch.load(run_dir / "checkpoints" / name, weights_only=True)
-        assert {"model", "optimizer", "scheduler", "scaler", "epoch", "step", "config", "rng", "run"} <= state.keys()
+        assert {"version", "model", "optimizer", "scheduler", "scaler", "config", "rng", "run"} <= state.keys()
     last = checkpoint.load(run_dir / "checkpoints" / "last.pt")
-    assert last["epoch"] == 2 and last["step"] == 2 * 9
+    assert last["run"]["epoch"] == 2 and last["run"]["step"] == 2 * 9
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["best.pt", "last.pt"]
 
 
@@ -104,7 +104,7 @@ def test_resume_matches_uninterrupted_run(synthetic_data, run_dir: Path, tmp_pat
     cfg = parse_args(args(synthetic_data, tmp_path))
     env = dist.setup("cpu")
     fit(cfg, env, stop_after_epoch=1)  # as if preempted after epoch 1
-    assert checkpoint.load(tmp_path / "checkpoints" / "last.pt")["epoch"] == 1
+    assert checkpoint.load(tmp_path / "checkpoints" / "last.pt")["run"]["epoch"] == 1
     assert main(args(synthetic_data, tmp_path)) == 0  # finds last.pt and resumes
     a, b = final_weights(run_dir), final_weights(tmp_path)
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -117,7 +117,7 @@ def test_resume_matches_uninterrupted_run(synthetic_data, run_dir: Path, tmp_pat
 def test_no_resume_starts_over(synthetic_data, run_dir: Path, tmp_path: Path) -> None:
     assert main(args(synthetic_data, tmp_path, "--epochs", "1")) == 0
     assert main(args(synthetic_data, tmp_path, "--epochs", "1", "--no-resume")) == 0
-    assert checkpoint.load(tmp_path / "checkpoints" / "last.pt")["step"] == 9
+    assert checkpoint.load(tmp_path / "checkpoints" / "last.pt")["run"]["step"] == 9
 
 
 def test_amp_bf16_on_cpu_trains(synthetic_data, tmp_path: Path) -> None:
@@ -181,7 +181,7 @@ def test_stop_mid_epoch_then_resume_matches_uninterrupted(synthetic_data, tmp_pa
     with pytest.raises(Preempted, match="stopped by signal 15 at epoch 1, step 10"):
         fit(cfg, dist.setup("cpu"), stop=StopRequest(signal=15))
     state = checkpoint.load(tmp_path / "b" / "checkpoints" / "last.pt")
-    assert (state["epoch"], state["step"], state["run"]["batch_in_epoch"]) == (0, 10, 10)
+    assert (state["run"]["epoch"], state["run"]["step"], state["run"]["batch_in_epoch"]) == (0, 10, 10)
     assert main(args(synthetic_data, tmp_path / "b", *extra, str(tmp_path / "b"))) == 0
     a, b = final_weights(tmp_path / "a"), final_weights(tmp_path / "b")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -192,7 +192,7 @@ def test_checkpoint_every_steps_saves_mid_epoch(synthetic_data, tmp_path: Path) 
     cfg = parse_args(args(synthetic_data, tmp_path, "--batch-size", "16", "--checkpoint-every-steps", "7"))
     fit(cfg, dist.setup("cpu"), stop_after_epoch=1)
     # the mid-epoch saves at steps 7..35 were followed by the epoch-end save at step 36
-    assert checkpoint.load(tmp_path / "checkpoints" / "last.pt")["step"] == 36
+    assert checkpoint.load(tmp_path / "checkpoints" / "last.pt")["run"]["step"] == 36
 
 
 def test_resume_with_more_epochs_refits_the_schedule(synthetic_data, tmp_path: Path, capsys) -> None:

@@ -1,0 +1,86 @@
+"""File writes that users rely on: atomic replacement, JSON, and the one-run-per-run-dir lock."""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, TextIO
+
+LOCK_NAME = ".lock"
+
+
+class RunDirError(RuntimeError):
+    """The run dir cannot be used: not a folder, not writable, or held by another run."""
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Write via a temp file in the same folder, fsync, then os.replace: readers see old or new, never half.
+
+    On any failure (a full disk, Ctrl-C) the temp file is removed and `path` is left as it was.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # The temp name keeps the real suffix: some writers (torch.export.save) insist on it.
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; outputs are meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=2) + "\n"))
+
+
+def prepare_run_dir(run_dir: Path) -> None:
+    """Create the run dir, or say in one line why it cannot be one."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunDirError(f"--run-dir {run_dir} is a file, not a folder: choose another --run-dir")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RunDirError(f"cannot create --run-dir {run_dir} ({e.strerror}): choose a writable place") from None
+    if not os.access(run_dir, os.W_OK | os.X_OK):
+        raise RunDirError(f"--run-dir {run_dir} is not writable: choose a writable place")
+
+
+class RunDirLock:
+    """An exclusive flock on RUN_DIR/.lock for the life of a run.
+
+    The kernel drops the lock when the process dies however it dies, so a crashed run leaves nothing stale
+    behind; the file itself only says who holds it, for the second run's error message.
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / LOCK_NAME
+        self.stream: TextIO | None = None
+
+    def acquire(self) -> None:
+        stream = open(self.path, "a+")
+        try:
+            fcntl.flock(stream, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            stream.seek(0)
+            holder = stream.read().strip() or "another process"
+            stream.close()
+            raise RunDirError(f"--run-dir {self.path.parent} is in use by {holder}: wait for that run to end, "
+                              f"or choose another --run-dir") from None
+        stream.seek(0)
+        stream.truncate()
+        stream.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        stream.flush()
+        self.stream = stream
+
+    def release(self) -> None:
+        if self.stream is not None:
+            self.stream.close()  # closing drops the flock
+            self.stream = None
