@@ -35,7 +35,13 @@ class CheckpointError(RuntimeError):
 
 
 def save(path: Path, state: dict[str, Any]) -> None:
-    atomic_write(path, lambda p: torch.save({"version": CHECKPOINT_VERSION, **state}, p))
+    """Atomic: on a full disk (torch raises RuntimeError for it, not OSError) the previous file stays."""
+    try:
+        atomic_write(path, lambda p: torch.save({"version": CHECKPOINT_VERSION, **state}, p))
+    except (OSError, RuntimeError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+        raise CheckpointError(f"cannot write {path} ({reason}; is the disk full?): the previous checkpoint "
+                              f"is kept") from None
 
 
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -314,8 +314,8 @@ class Trainer:
         stop, diverged = dist.any_rank([self.stop.signal is not None, not segment.finite()], self.env)
         if diverged:
             raise Diverged(f"the training loss became NaN or infinite in epoch {self.run.epoch + 1} before step "
-                           f"{self.run.step}: nothing was saved after {self.ckpt_dir / 'last.pt'}; lower --lr, "
-                           f"or try --amp off or another --seed")
+                           f"{self.run.step}; no checkpoint was written since (those in {self.ckpt_dir} are from "
+                           f"before): lower --lr, or try --amp off or another --seed")
         return stop
 
     def account(self, segment: Segment) -> None:

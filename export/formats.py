@@ -1,6 +1,11 @@
-"""Writers for each artifact format; every file lands atomically (temp file, then os.replace)."""
+"""Writers for each artifact format; every file lands atomically (temp file, then os.replace).
+
+Each format is serialised in memory first and written by Python: torch's C++ file writers abort the whole
+process when a write fails (seen with torch 2.14 on a full disk), where Python raises an OSError we report.
+"""
 from __future__ import annotations
 
+import io
 import warnings
 from pathlib import Path
 
@@ -31,13 +36,17 @@ def write_torchscript(model: nn.Module, path: Path) -> str:
         except Exception as e:  # scripting rejects some Python; tracing records one path through it
             print(f"torchscript: scripting failed ({type(e).__name__}); traced instead")
             module, method = torch.jit.trace(model, example_input()), "trace"
-        atomic_write(path, lambda p: module.save(str(p)))
+        buffer = io.BytesIO()
+        torch.jit.save(module, buffer)
+    atomic_write(path, lambda p: p.write_bytes(buffer.getvalue()))
     return method
 
 
 def write_exported_program(model: nn.Module, path: Path) -> None:
     program = torch.export.export(model, (example_input(),), dynamic_shapes=({0: _batch_dim()},))
-    atomic_write(path, lambda p: torch.export.save(program, p))
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    atomic_write(path, lambda p: p.write_bytes(buffer.getvalue()))
 
 
 def write_onnx(model: nn.Module, path: Path, opset: int) -> None:

@@ -55,11 +55,18 @@ def _walk(folder: Path, recursive: bool, seen: set[tuple[int, int]]) -> Iterator
         yield folder
         return
     for entry in entries:
-        if entry.is_dir():
+        if _is_dir(entry):
             if recursive:
                 yield from _walk(Path(entry.path), recursive, seen)
         elif Path(entry.name).suffix.lower() in IMAGE_SUFFIXES:
             yield Path(entry.path)
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:  # a link loop: not a folder; load_digit says what it is
+        return False
 
 
 def check_regular(path: Path) -> None:
