@@ -104,11 +104,13 @@ def test_checkpoint_survives_kill_during_save(tmp_path: Path) -> None:
     path = tmp_path / "last.pt"
     writer = ("import sys, torch; from pathlib import Path; from distributed import checkpoint\n"
               "big = {'w': torch.randn(4_000_000)}\n"
+              "print('ready', flush=True)\n"
               "for i in range(10_000):\n"
               "    checkpoint.save(Path(sys.argv[1]), {'model': big, 'config': {}, 'run': {'epoch': i}})\n")
     for delay in (0.3, 0.6, 0.9, 1.2):
-        proc = subprocess.Popen([sys.executable, "-c", writer, str(path)], cwd=ROOT)
-        time.sleep(delay + 2.5)  # past torch's import
+        proc = subprocess.Popen([sys.executable, "-c", writer, str(path)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip() == "ready"  # torch imported, saves begin
+        time.sleep(delay)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         if path.exists():
@@ -119,14 +121,14 @@ def test_checkpoint_survives_kill_during_save(tmp_path: Path) -> None:
 def test_sigterm_saves_a_checkpoint_and_rerun_resumes(bigger_data, tmp_path: Path) -> None:
     cmd = torchrun(2, *train_args(bigger_data, tmp_path))
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for_step(tmp_path / "checkpoints" / "last.pt", 1, proc)  # epoch 1 done
+    first = wait_for_step(tmp_path / "checkpoints" / "last.pt", 1, proc)  # epoch 1 done
     time.sleep(0.3)
     proc.send_signal(signal.SIGTERM)  # what SLURM and Kubernetes send
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode != 0
+    assert proc.returncode == 143, err[-3000:]  # 128 + SIGTERM, as documented
     assert "stopped by signal 15" in err and "run the same command again to resume" in err, err[-3000:]
     stopped_at = checkpoint.load(tmp_path / "checkpoints" / "last.pt")
-    assert stopped_at["run"]["step"] > 92  # saved at the stop, not only at the end of epoch 1
+    assert stopped_at["run"]["step"] > first  # saved at the stop, not only the epoch-1 checkpoint
     rerun = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-3000:]
     assert f"step {stopped_at['run']['step']}" in rerun.stdout

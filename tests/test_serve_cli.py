@@ -318,15 +318,18 @@ def test_default_model_is_newest_export_under_runs(exported_run: Path, tmp_path:
     assert "runs/digits/export" in proc.stderr and len(proc.stdout.splitlines()) == 3
 
 
-def test_onnx_path_imports_no_torch(exported_run: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_onnx_path_imports_no_torch(exported_run: Path, tmp_path: Path, workers: str) -> None:
+    """-X importtime logs every import in every process, the forked workers that run the model included."""
     images, _ = synthetic_digits(4, seed=0)
     save_pngs(tmp_path, images)
-    code = ("import sys; from serve_cli.__main__ import main; "
-            f"rc = main(['predict', {str(tmp_path)!r}, '--model', {str(exported_run)!r}]); "
-            "bad = [m for m in ('torch', 'torchvision') if m in sys.modules]; "
-            "sys.exit(f'imported {bad}' if bad else rc)")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "serve_cli", "predict", str(tmp_path),
+                           "--model", str(exported_run), "--workers", workers],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    imported = {line.split("|")[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    assert "onnxruntime" in imported  # the log covers the model's process
+    assert not {"torch", "torchvision"} & imported
 
 
 def test_exif_orientation_is_applied(tmp_path: Path) -> None:

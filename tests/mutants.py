@@ -1,0 +1,98 @@
+"""Hand-made mutants: break one thing in the product code, run the tests that should notice, report the kill rate.
+
+    python tests/mutants.py               # every mutant (about 15 minutes on 2 cores)
+    python tests/mutants.py sync_buffers  # the mutants whose name contains this
+
+Each mutant is one textual change that a plausible bug or a switched-off feature would make. A mutant is
+killed when its tests fail. The working tree is restored after each one (and on Ctrl-C).
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# name: (file, original text, mutated text, pytest selection)
+MUTANTS: dict[str, tuple[str, str, str, str]] = {
+    "sync_buffers_off": ("distributed/dist.py", "    if env.is_distributed:\n        for buffer", "    if False:\n        for buffer",
+                         "tests/test_torchrun.py -k record"),
+    "eval_shard_unclamped": ("distributed/data.py", "torch.arange(min(rank, n), n", "torch.arange(rank, n",
+                             "tests/test_torchrun.py -k three_ranks"),
+    "padding_counted": ("distributed/data.py", "- (padding if done else 0)", "- 0",
+                        "tests/test_torchrun.py -k three_ranks"),
+    "no_resume_ignored": ("distributed/train.py", "if cfg.resume is False or", "if False or",
+                          "tests/test_train.py -k no_resume"),
+    "checkpoint_every_steps_off": ("distributed/train.py", "save = cfg.checkpoint_every_steps and", "save = False and",
+                                   "tests/test_train.py -k checkpoint_every_steps"),
+    "autocast_off": ("distributed/engine.py", "enabled=dtype is not None)", "enabled=False)",
+                     "tests/test_train.py -k amp_bf16"),
+    "augment_ignored": ("distributed/train.py", "*self.train.batch(index, cfg.augment)", "*self.train.batch(index, False)",
+                        "tests/test_train.py -k augment"),
+    "label_smoothing_ignored": ("distributed/engine.py", "label_smoothing=label_smoothing)", "label_smoothing=0.0)",
+                                "tests/test_train.py -k label_smoothing"),
+    "torch_in_onnx_worker": ("serve_cli/pool.py", "    if runtime is None:\n        return",
+                             "    import torch  # noqa\n    if runtime is None:\n        return",
+                             "tests/test_serve_cli.py -k imports_no_torch"),
+    "no_stop_save": ("distributed/train.py", "                if save or stopping:", "                if save:",
+                     "tests/test_launch.py -k sigterm"),
+    "nan_passes_gate": ("export/parity.py", "if not r[\"finite\"] or not r[\"max_abs_diff\"] <= report[\"atol\"]",
+                        "if r[\"max_abs_diff\"] > report[\"atol\"]", "tests/test_hostile.py -k nan_model"),
+    "divergence_unchecked": ("distributed/train.py", "[self.stop.signal is not None, not segment.finite()]",
+                             "[self.stop.signal is not None, False]", "tests/test_hostile.py -k diverging"),
+    "digest_unchecked": ("export/manifest.py", "    if manifest[\"digest\"] != digest(manifest):",
+                         "    if False:", "tests/test_hostile.py -k edited_manifest"),
+    "probe_unchecked": ("serve_cli/model.py", "        if expected is None:\n            return None",
+                        "        if True:\n            return None", "tests/test_hostile.py -k fewer_classes"),
+    "export_removes_foreign": ("export/__main__.py", "    if not is_ours(out_dir):", "    if False:",
+                               "tests/test_hostile.py -k someone_elses"),
+    "output_may_be_input": ("serve_cli/__main__.py", "    if not target.exists():\n        return\n    real",
+                            "    if True:\n        return\n    real", "tests/test_hostile.py -k output_that_is_an_input"),
+    "fifo_opened": ("serve_cli/images.py", "    check_regular(path)\n", "", "tests/test_hostile.py -k odd_folder"),
+    "no_run_dir_lock": ("distributed/train.py", "            lock.acquire()\n", "", "tests/test_hostile.py -k second_trainer"),
+    "resume_any_flags": ("distributed/train.py", "    if conflicts:\n", "    if False:\n",
+                         "tests/test_hostile.py -k another_experiment"),
+    "idx_unchecked": ("distributed/data.py", "            check_idx(path, ndim)\n", "            pass\n",
+                      "tests/test_hostile.py -k damaged"),
+    "loss_not_all_reduced": ("distributed/train.py", "dist.all_reduce_sum(loss.float().reshape(1).clone(), self.env).item() / self.env.world_size",
+                             "loss.item()", "tests/test_hostile.py -k work_of_a_stopped"),
+    "eval_not_all_reduced": ("distributed/engine.py", "    all_reduce_sum(confusion, env)\n", "",
+                             "tests/test_torchrun.py -k two_rank_eval"),
+    "refit_skipped": ("distributed/train.py", "                for _ in range(self.run.epoch * self.steps_each_epoch):",
+                      "                for _ in range(0):", "tests/test_torchrun.py -k resume_from_two"),
+    "rng_not_restored": ("distributed/train.py", "                checkpoint.set_rng_state(state[\"rng\"][self.env.rank], self.env.device)",
+                         "                pass", "tests/test_train.py -k stop_mid_epoch"),
+}
+
+
+def run_mutant(name: str, path: str, old: str, new: str, selection: str) -> bool:
+    file = ROOT / path
+    original = file.read_text()
+    if original.count(old) != 1:
+        raise SystemExit(f"{name}: the text to mutate is not found exactly once in {path}")
+    file.write_text(original.replace(old, new))
+    try:
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *selection.split()],
+                              cwd=ROOT, capture_output=True, text=True, timeout=900)
+    finally:
+        file.write_text(original)
+    return proc.returncode != 0 and "no tests ran" not in proc.stdout
+
+
+def main() -> int:
+    chosen = {k: v for k, v in MUTANTS.items() if len(sys.argv) < 2 or sys.argv[1] in k}
+    killed = []
+    for name, spec in chosen.items():
+        start = time.perf_counter()
+        dead = run_mutant(name, *spec)
+        killed += [name] if dead else []
+        print(f"{'killed  ' if dead else 'SURVIVED'}  {name:<28} {time.perf_counter() - start:5.1f}s  ({spec[3]})",
+              flush=True)
+    print(f"{len(killed)}/{len(chosen)} mutants killed")
+    return 0 if len(killed) == len(chosen) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
