@@ -19,11 +19,14 @@ is what everything else (export) needs from it. Version 1 (the same, plus `epoch
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .files import atomic_write
+
+if TYPE_CHECKING:
+    from .config import TrainConfig
 
 CHECKPOINT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
@@ -61,6 +64,19 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
                               f"{READABLE_VERSIONS}: use the release that wrote it")
     if not isinstance(state["config"], dict) or not isinstance(state["run"], dict):
         raise CheckpointError(f"{path} is not a checkpoint of this project (config or run is malformed)")
+    return state
+
+
+def resume_state(cfg: TrainConfig, last: Path) -> dict[str, Any] | None:
+    if cfg.resume is False or (cfg.resume is None and not last.exists()):
+        return None
+    if not last.exists():
+        raise CheckpointError(f"--resume given but {last} does not exist; drop --resume to start fresh")
+    state = load(last)
+    conflicts = cfg.resume_conflicts(state["config"])
+    if conflicts:
+        raise CheckpointError(f"{last} is another experiment ({', '.join(conflicts)}): repeat its flags to resume, "
+                              f"or start over with --no-resume or another --run-dir")
     return state
 
 

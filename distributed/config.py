@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from .models import MODELS
+
 # The recipe of the source documents: torchvision MNIST, batch 64, SGD(lr=0.01, momentum=0.5).
 SEED_RECIPE = ["--optimizer", "sgd", "--lr", "0.01", "--momentum", "0.5",
                "--batch-size", "64", "--schedule", "none"]
@@ -129,8 +131,6 @@ def _arg_type(annotation: str) -> type:
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    from .models import MODELS
-
     parser = build_parser()
     ns = parser.parse_args(argv)
     if ns.model is not None and ns.model not in MODELS:

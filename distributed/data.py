@@ -8,10 +8,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 from torch.utils.data.distributed import DistributedSampler
+
+from .dist import DistEnv, all_ok
+
+if TYPE_CHECKING:
+    from .config import TrainConfig
 
 MEAN, STD = 0.1307, 0.3081
 MNIST_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
@@ -173,3 +178,24 @@ def images_seen(sampler: DistributedSampler, batch_size: int, batches: int) -> i
 def eval_shard(n: int, rank: int, world_size: int, device: torch.device) -> torch.Tensor:
     """A disjoint, unpadded shard: the union over ranks is every index exactly once (empty when rank >= n)."""
     return torch.arange(min(rank, n), n, world_size, device=device)
+
+
+def load_data(cfg: TrainConfig, task: Task, env: DistEnv) -> tuple[Split, Split, Split]:
+    """Local rank 0 downloads/extracts first; the others wait, then read the same files."""
+    splits, error = None, None
+    if env.local_rank == 0:
+        try:
+            splits = load_splits(cfg.data_dir, task, cfg.val_size, cfg.seed, env.device)
+        except DataError as e:
+            error = e
+    if not all_ok(error is None, env):
+        raise error or DataError(f"MNIST could not be prepared in {cfg.data_dir} (see local rank 0's error)")
+    if splits is None:
+        splits = load_splits(cfg.data_dir, task, cfg.val_size, cfg.seed, env.device)
+    train, val, test = splits
+    if cfg.overfit_batches:
+        # The notebook's sanity check: a model that cannot drive these few batches to ~0 loss is broken.
+        n = min(len(train), cfg.overfit_batches * cfg.batch_size * env.world_size)
+        train = train.subset(torch.arange(n, device=env.device))
+        val = test = train
+    return train, val, test

@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, TextIO
 
+from .dist import DistEnv, all_ok
+
 LOCK_NAME = ".lock"
 
 
@@ -84,3 +86,18 @@ class RunDirLock:
         if self.stream is not None:
             self.stream.close()  # closing drops the flock
             self.stream = None
+
+
+def lock_run_dir(run_dir: Path, env: DistEnv) -> RunDirLock | None:
+    """Rank 0 holds RUN_DIR/.lock for the run; every rank fails together when it cannot."""
+    lock, error = None, None
+    if env.is_main:
+        try:
+            prepare_run_dir(run_dir)
+            lock = RunDirLock(run_dir)
+            lock.acquire()
+        except RunDirError as e:
+            error = e
+    if not all_ok(error is None, env):
+        raise error or RunDirError(f"--run-dir {run_dir} cannot be used (see rank 0's error)")
+    return lock

@@ -24,11 +24,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from . import checkpoint, dist
 from .checkpoint import CheckpointError
 from .config import TrainConfig, parse_args
-from .data import (TASKS, DataError, Split, Task, epoch_batches, eval_shard, images_seen, load_splits, make_sampler,
+from .data import (TASKS, DataError, Split, epoch_batches, eval_shard, images_seen, load_data, make_sampler,
                    steps_per_epoch)
 from .engine import EvalResult, amp_dtype, evaluate, make_scaler, synchronize, train_step
-from .files import RunDirError, RunDirLock, prepare_run_dir
+from .files import RunDirError, lock_run_dir
 from .models import build_model, to_device
+from .optim import build_optimizer, build_scheduler
 from .report import Reporter, done_line, final_metrics
 
 STOP_CHECK_EVERY = 10  # steps between the ranks' agreement on a stop signal and a finite loss (a collective)
@@ -85,75 +86,6 @@ class Segment:
         return self.loss_sum is None or bool(torch.isfinite(self.loss_sum).item())
 
 
-def build_optimizer(cfg: TrainConfig, params: Any) -> torch.optim.Optimizer:
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-
-def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer,
-                    steps_each_epoch: int) -> torch.optim.lr_scheduler.LRScheduler | None:
-    total = cfg.epochs * steps_each_epoch
-    if cfg.schedule == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total)
-    if cfg.schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
-    if cfg.schedule == "step":  # the PyTorch MNIST example: x0.7 every epoch
-        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=steps_each_epoch, gamma=0.7)
-    return None
-
-
-def load_data(cfg: TrainConfig, task: Task, env: dist.DistEnv) -> tuple[Split, Split, Split]:
-    """Local rank 0 downloads/extracts first; the others wait, then read the same files."""
-    splits, error = None, None
-    if env.local_rank == 0:
-        try:
-            splits = load_splits(cfg.data_dir, task, cfg.val_size, cfg.seed, env.device)
-        except DataError as e:
-            error = e
-    if not dist.all_ok(error is None, env):
-        raise error or DataError(f"MNIST could not be prepared in {cfg.data_dir} (see local rank 0's error)")
-    if splits is None:
-        splits = load_splits(cfg.data_dir, task, cfg.val_size, cfg.seed, env.device)
-    train, val, test = splits
-    if cfg.overfit_batches:
-        # The notebook's sanity check: a model that cannot drive these few batches to ~0 loss is broken.
-        n = min(len(train), cfg.overfit_batches * cfg.batch_size * env.world_size)
-        train = train.subset(torch.arange(n, device=env.device))
-        val = test = train
-    return train, val, test
-
-
-def lock_run_dir(run_dir: Path, env: dist.DistEnv) -> RunDirLock | None:
-    """Rank 0 holds RUN_DIR/.lock for the run; every rank fails together when it cannot."""
-    lock, error = None, None
-    if env.is_main:
-        try:
-            prepare_run_dir(run_dir)
-            lock = RunDirLock(run_dir)
-            lock.acquire()
-        except RunDirError as e:
-            error = e
-    if not dist.all_ok(error is None, env):
-        raise error or RunDirError(f"--run-dir {run_dir} cannot be used (see rank 0's error)")
-    return lock
-
-
-def resume_state(cfg: TrainConfig, last: Path) -> dict[str, Any] | None:
-    if cfg.resume is False or (cfg.resume is None and not last.exists()):
-        return None
-    if not last.exists():
-        raise CheckpointError(f"--resume given but {last} does not exist; drop --resume to start fresh")
-    state = checkpoint.load(last)
-    conflicts = cfg.resume_conflicts(state["config"])
-    if conflicts:
-        raise CheckpointError(f"{last} is another experiment ({', '.join(conflicts)}): repeat its flags to resume, "
-                              f"or start over with --no-resume or another --run-dir")
-    return state
-
-
 class Trainer:
     """The model, optimiser and progress of one run: everything a checkpoint captures, and the loop."""
 
@@ -174,7 +106,7 @@ class Trainer:
         lock = lock_run_dir(self.run_dir, env)
         if lock is not None:
             self.closing.callback(lock.release)
-        state = resume_state(cfg, self.ckpt_dir / "last.pt")
+        state = checkpoint.resume_state(cfg, self.ckpt_dir / "last.pt")
         self.train, self.val, self.test = load_data(cfg, self.task, env)
         self.dtype = amp_dtype(cfg.amp, env.device)
 

@@ -16,13 +16,22 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import onnx
+import onnxruntime
+import torch
+
 from distributed.checkpoint import CheckpointError
 from distributed.config import NON_NEGATIVE, number_in
 from distributed.data import MEAN, STD
 from distributed.files import write_json
 
+from .formats import write_exported_program, write_onnx, write_torchscript
 from .manifest import (FORMAT_VERSION, INPUT_NAME, MANIFEST, OUTPUT_NAME, ManifestError, file_entry, is_ours,
                        load_json, probe_images, read_manifest, seal, sha256_file, verify_file)
+from .parity import (ParityError, compare, eager_backend, failures, format_report, load_backends, parity_report,
+                     parity_set)
+from .wrap import load_for_export
 
 DEFAULT_OPSET = 20
 PROBE_SEED, PROBE_COUNT = 0, 16
@@ -55,9 +64,6 @@ def parse_batch_sizes(text: str, parser: argparse.ArgumentParser) -> list[int]:
 
 
 def versions() -> dict[str, str]:
-    import onnx
-    import onnxruntime
-    import torch
     return {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
             "python": platform.python_version()}
 
@@ -86,8 +92,6 @@ def build_manifest(info: dict[str, Any], checkpoint: Path, artifacts: dict[str, 
 
 def write_artifacts(model: Any, staging: Path, opset: int) -> dict[str, Any]:
     """Every artifact file in `staging`; their manifest entries, keyed by artifact kind."""
-    from .formats import write_exported_program, write_onnx, write_torchscript
-
     method = write_torchscript(model, staging / ARTIFACT_FILES["torchscript"])
     write_exported_program(model, staging / ARTIFACT_FILES["exported_program"])
     write_onnx(model, staging / ARTIFACT_FILES["onnx"], opset)
@@ -100,8 +104,6 @@ def check_parity(model: Any, files: dict[str, Path], task: str, data_dir: str | 
                  atol: float, failed: str) -> dict[str, Any]:
     """The gate: every artifact file against the eager model; prints the table, raises ParityError starting
     with `failed` when any backend is off."""
-    from .parity import ParityError, eager_backend, failures, format_report, load_backends, parity_report, parity_set
-
     images, labels, dataset = parity_set(data_dir, task)
     report = parity_report(eager_backend(model), load_backends(files), images, labels, batch_sizes, atol)
     print(f"parity on {dataset}, batch sizes {batch_sizes}:")
@@ -129,9 +131,6 @@ def previous_export(out_dir: Path) -> dict[str, Any] | None:
 def export_checkpoint(checkpoint: Path, out_dir: Path, data_dir: str | None, batch_sizes: list[int],
                       atol: float, opset: int) -> dict[str, Any]:
     """Everything is built and gated in a staging dir beside out_dir; only a passing export is installed."""
-    from .parity import eager_backend
-    from .wrap import load_for_export
-
     old = previous_export(out_dir)
     model, info = load_for_export(checkpoint)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -167,11 +166,6 @@ def install(staging: Path, out_dir: Path, manifest: dict[str, Any], old: dict[st
 def verify(directory: Path, data_dir: str | None, batch_sizes: list[int], atol: float) -> dict[str, Any]:
     """Manifest digest and hashes first; then every backend against the eager logits the manifest recorded;
     then, when the source checkpoint is still where it was (same sha256), the full gate against a fresh eager model."""
-    import numpy as np
-
-    from .parity import ParityError, compare, failures, load_backends
-    from .wrap import load_for_export
-
     manifest = read_manifest(directory)
     files = {kind: verify_file(directory, manifest, kind) for kind in manifest["artifacts"]}
     print(f"manifest digest and sha256 ok: {', '.join(e['file'] for e in manifest['artifacts'].values())}")
@@ -202,8 +196,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     sizes = parse_batch_sizes(args.batch_sizes, parser)
-    from .parity import ParityError
-
     try:
         if args.verify:
             verify(Path(args.verify), args.data_dir, sizes, args.atol)

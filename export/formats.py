@@ -9,6 +9,7 @@ import io
 import warnings
 from pathlib import Path
 
+import onnx
 import torch
 from torch import nn
 
@@ -51,8 +52,6 @@ def write_exported_program(model: nn.Module, path: Path) -> None:
 
 def write_onnx(model: nn.Module, path: Path, opset: int) -> None:
     """One self-contained .onnx file: the weights are kept inline, not in a side .data file."""
-    import onnx
-
     program = torch.onnx.export(model, (example_input(),), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                                 dynamic_shapes=({0: _batch_dim()},), opset_version=opset, dynamo=True,
                                 external_data=False, verbose=False)

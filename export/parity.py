@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import onnxruntime as ort
 import torch
 from torch import nn
 
@@ -33,8 +34,6 @@ def eager_backend(model: nn.Module) -> Backend:
 
 def load_backends(files: dict[str, Path]) -> dict[str, Backend]:
     """A backend for each artifact file (keyed as in the manifest); ParityError when one cannot be loaded."""
-    import onnxruntime as ort
-
     try:
         session = ort.InferenceSession(str(files["onnx"]), providers=["CPUExecutionProvider"])
         with warnings.catch_warnings():

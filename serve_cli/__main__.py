@@ -22,6 +22,8 @@ from typing import Iterable, Iterator, TextIO
 
 import numpy as np
 
+from export.manifest import ManifestError, verify_file
+
 from .images import IMAGE_SUFFIXES, find_images
 from .model import MODEL_ENV, LoadedModel, ModelError, default_model_dir, open_manifest, resolve_model, softmax
 from .output import WRITERS, Row
@@ -208,8 +210,6 @@ def info(args: argparse.Namespace) -> int:
 
 
 def describe(directory: Path, m: dict) -> str:
-    from export.manifest import ManifestError, verify_file
-
     model, inp, parity = m["model"], m["input"], m.get("parity", {})
     src = m.get("source", {})
     norm = inp.get("normalization", {})

@@ -10,6 +10,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import time
 import zlib
 from pathlib import Path
 
@@ -307,15 +308,40 @@ def test_info(exported_run: Path, capsys) -> None:
 
 
 def test_default_model_is_newest_export_under_runs(exported_run: Path, tmp_path: Path) -> None:
-    (tmp_path / "runs" / "digits").mkdir(parents=True)
-    (tmp_path / "runs" / "digits" / "export").symlink_to(exported_run)
+    for name, age in (("binary", 100), ("digits", 50), ("older", 200)):  # digits is the newest
+        shutil.copytree(exported_run, tmp_path / "runs" / name / "export")
+        manifest = tmp_path / "runs" / name / "export" / "manifest.json"
+        os.utime(manifest, (time.time() - age, time.time() - age))
     images, _ = synthetic_digits(2, seed=0)
     save_pngs(tmp_path / "imgs", images)
     env = {k: v for k, v in os.environ.items() if k != "SERVE_CLI_MODEL"}
     proc = subprocess.run([sys.executable, "-m", "serve_cli", "predict", "imgs"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert "runs/digits/export" in proc.stderr and len(proc.stdout.splitlines()) == 3
+    assert "model runs/digits/export]" in proc.stderr and len(proc.stdout.splitlines()) == 3
+
+
+def test_serve_cli_model_variable_wins(exported_run: Path, tmp_path: Path) -> None:
+    (tmp_path / "runs" / "digits").mkdir(parents=True)  # an export under runs/ that must not be chosen
+    shutil.copytree(exported_run, tmp_path / "runs" / "digits" / "export")
+    shutil.copytree(exported_run, tmp_path / "chosen")
+    save_pngs(tmp_path / "imgs", synthetic_digits(2, seed=0)[0])
+    proc = subprocess.run([sys.executable, "-m", "serve_cli", "predict", "imgs"], cwd=tmp_path,
+                          env={**os.environ, "SERVE_CLI_MODEL": "chosen"}, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "model chosen]" in proc.stderr
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "torchscript"])
+def test_threads_per_model_copy(exported_run: Path, tmp_path: Path, backend: str, capsys) -> None:
+    paths = save_pngs(tmp_path, synthetic_digits(12, seed=2)[0])
+    rows = {}
+    for threads in ("1", "2"):
+        assert main(["predict", str(tmp_path), "--model", str(exported_run), "--threads", threads,
+                     "--workers", "1", "--backend", backend, "--format", "csv"]) == 0
+        rows[threads] = capsys.readouterr().out
+    assert rows["1"] == rows["2"] and len(rows["1"].splitlines()) == len(paths) + 1
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])

@@ -158,9 +158,10 @@ def test_resume_without_checkpoint_is_an_error(synthetic_data, tmp_path: Path, c
 
 
 def test_stop_mid_epoch_then_resume_matches_uninterrupted(synthetic_data, tmp_path: Path) -> None:
-    """SIGTERM's path in-process: stop at step 10 of 36, checkpoint mid-epoch, resume, same final weights."""
+    """SIGTERM's path in-process: stop at step 10 of 36, checkpoint mid-epoch, resume, same final weights.
+    Dropout and augmentation draw random numbers, so each rank's RNG state must come back too."""
     from distributed.train import Preempted, StopRequest
-    extra = ("--batch-size", "16", "--epochs", "1", "--run-dir")
+    extra = ("--batch-size", "16", "--epochs", "1", "--model", "samnet", "--augment", "--run-dir")
     assert main(args(synthetic_data, tmp_path / "a", *extra, str(tmp_path / "a"))) == 0
     cfg = parse_args(args(synthetic_data, tmp_path / "b", *extra, str(tmp_path / "b")))
     with pytest.raises(Preempted, match="stopped by signal 15 at epoch 1, step 10"):
