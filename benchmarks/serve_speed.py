@@ -2,8 +2,8 @@
 
     python benchmarks/serve_speed.py --data-dir data --model runs/digits/export
 
-Rows: `serve_cli predict` as a user runs it (whole command, wall clock, both backends); its parts in
-one process (decode + preprocess, each model backend on ready arrays); and the naive script a user
+Rows: `serve_cli predict` as a user runs it (whole command, wall clock, both runtimes); its parts in
+one process (decode + preprocess, each model runtime on ready arrays); and the naive script a user
 would otherwise write: one file at a time through PIL -> ToTensor -> Normalize -> eager PyTorch model.
 """
 from __future__ import annotations
@@ -79,22 +79,22 @@ def main() -> None:
         folder = Path(tmp) / "png"
         n = write_pngs(args.data_dir, folder)
         serve = [sys.executable, "-m", "serve_cli", "predict", str(folder), "--model", str(model_dir)]
-        for backend in ("onnxruntime", "torchscript"):
-            t = wall(serve + ["--backend", backend, "--format", "csv"], args.repeat)
-            rows.append((f"serve_cli predict --backend {backend} (whole command)", n / statistics.median(t)))
+        for runtime in ("onnxruntime", "torchscript"):
+            t = wall(serve + ["--runtime", runtime, "--format", "csv"], args.repeat)
+            rows.append((f"serve_cli predict --runtime {runtime} (whole command)", n / statistics.median(t)))
         paths = list(find_images([str(folder)], False))
         start = time.perf_counter()
         with worker_pool(os.cpu_count() or 1, runtime=None) as pool:  # serve_cli's workers, without the model
             batches = [paths[i:i + 256] for i in range(0, n, 256)]
             x = np.concatenate([chunk.images for chunk in pool.map(process_batch, batches)])
         rows.append(("decode + preprocess only (serve_cli's process pool)", n / (time.perf_counter() - start)))
-        for backend in ("onnxruntime", "torchscript"):
-            model = load_model(model_dir, backend)
+        for runtime in ("onnxruntime", "torchscript"):
+            model = load_model(model_dir, runtime)
             model.run(x[:256])
             start = time.perf_counter()
             for i in range(0, n, 256):
                 model.run(x[i:i + 256])
-            rows.append((f"{backend} model only, batch 256", n / (time.perf_counter() - start)))
+            rows.append((f"{runtime} model only, batch 256", n / (time.perf_counter() - start)))
         t = wall([sys.executable, "-c", NAIVE, str(folder), checkpoint], 1)
         naive = n / t[0]
         rows.append(("naive loop: one file at a time, eager PyTorch (whole command)", naive))

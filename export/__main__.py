@@ -29,7 +29,7 @@ from distributed.files import write_json
 from .formats import write_exported_program, write_onnx, write_torchscript
 from .manifest import (FORMAT_VERSION, INPUT_NAME, MANIFEST, OUTPUT_NAME, ManifestError, file_entry, is_ours,
                        load_json, probe_images, read_manifest, seal, sha256_file, verify_file)
-from .parity import (ParityError, compare, eager_backend, failures, format_report, load_backends, parity_report,
+from .parity import (ParityError, compare, eager_runtime, failures, format_report, load_runtimes, parity_report,
                      parity_set)
 from .wrap import load_for_export
 
@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--verify", metavar="DIR", help="re-check an export dir: sha256s, then output parity")
     p.add_argument("--out-dir", help="where the artifacts go (default: RUN_DIR/export)")
     p.add_argument("--data-dir", help="MNIST root for the parity set (default: the checkpoint's --data-dir)")
-    p.add_argument("--atol", type=NON_NEGATIVE, default=1e-4, help="max |logit difference| any backend may show")
+    p.add_argument("--atol", type=NON_NEGATIVE, default=1e-4, help="max |logit difference| any runtime may show")
     p.add_argument("--batch-sizes", default="1,7,1000", help="batch sizes the parity gate runs at")
     p.add_argument("--opset", type=number_in(int, 18, 23), default=DEFAULT_OPSET, help="ONNX opset")
     return p
@@ -103,9 +103,9 @@ def write_artifacts(model: Any, staging: Path, opset: int) -> dict[str, Any]:
 def check_parity(model: Any, files: dict[str, Path], task: str, data_dir: str | None, batch_sizes: list[int],
                  atol: float, failed: str) -> dict[str, Any]:
     """The gate: every artifact file against the eager model; prints the table, raises ParityError starting
-    with `failed` when any backend is off."""
+    with `failed` when any runtime is off."""
     images, labels, dataset = parity_set(data_dir, task)
-    report = parity_report(eager_backend(model), load_backends(files), images, labels, batch_sizes, atol)
+    report = parity_report(eager_runtime(model), load_runtimes(files), images, labels, batch_sizes, atol)
     print(f"parity on {dataset}, batch sizes {batch_sizes}:")
     print(format_report(report))
     if not report["passed"]:
@@ -140,7 +140,7 @@ def export_checkpoint(checkpoint: Path, out_dir: Path, data_dir: str | None, bat
         files = {kind: staging / entry["file"] for kind, entry in artifacts.items()}
         parity = check_parity(model, files, info["task"], data_dir or info["data_dir"], batch_sizes, atol,
                               failed="parity gate failed, nothing exported")
-        reference = eager_backend(model)(probe_images(PROBE_SEED, PROBE_COUNT)).tolist()
+        reference = eager_runtime(model)(probe_images(PROBE_SEED, PROBE_COUNT)).tolist()
         manifest = build_manifest(info, checkpoint, artifacts, parity, reference)
         write_json(staging / MANIFEST, manifest)
         install(staging, out_dir, manifest, old)
@@ -164,7 +164,7 @@ def install(staging: Path, out_dir: Path, manifest: dict[str, Any], old: dict[st
 
 
 def verify(directory: Path, data_dir: str | None, batch_sizes: list[int], atol: float) -> dict[str, Any]:
-    """Manifest digest and hashes first; then every backend against the eager logits the manifest recorded;
+    """Manifest digest and hashes first; then every runtime against the eager logits the manifest recorded;
     then, when the source checkpoint is still where it was (same sha256), the full gate against a fresh eager model."""
     manifest = read_manifest(directory)
     files = {kind: verify_file(directory, manifest, kind) for kind in manifest["artifacts"]}
@@ -172,8 +172,8 @@ def verify(directory: Path, data_dir: str | None, batch_sizes: list[int], atol: 
     ref = manifest["reference"]
     images = probe_images(ref["seed"], ref["count"])
     expected = np.asarray(ref["logits"], dtype=np.float32)
-    probe = {"count": ref["count"], "atol": atol, "backends": {
-        name: compare(expected, backend(images), None) for name, backend in load_backends(files).items()}}
+    probe = {"count": ref["count"], "atol": atol, "runtimes": {
+        name: compare(expected, runtime(images), None) for name, runtime in load_runtimes(files).items()}}
     if failures(probe):
         raise ParityError(f"{directory}: artifacts disagree with the recorded eager logits: "
                           + "; ".join(failures(probe)))

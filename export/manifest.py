@@ -6,10 +6,10 @@ manifest.json (format_version 2):
   model      {name, task, classes (output order), num_classes}
   input      {name, dtype, shape (["N", 1, 28, 28]), range, polarity, normalization {mean, std, applied}}
   output     {name, dtype, shape (["N", C])}
-  artifacts  {backend: {file, bytes, sha256, ...}} for onnx, torchscript, exported_program
+  artifacts  {artifact kind: {file, bytes, sha256, ...}} for onnx, torchscript, exported_program
   source     {checkpoint, sha256, epoch, test_accuracy, val_accuracy}
   versions   {torch, onnx, onnxruntime, python}
-  parity     {dataset, count, batch_sizes, atol, passed, backends {name: {max_abs_diff, top1_agreement, accuracy}}}
+  parity     {dataset, count, batch_sizes, atol, passed, runtimes {name: {max_abs_diff, top1_agreement, accuracy}}}
   reference  {seed, count, logits}: eager logits on a seeded probe set, for `--verify` without the checkpoint
   created    ISO 8601 time
   digest     sha256 of the canonical JSON of every other field: an edited manifest (class names, their count,
@@ -110,18 +110,18 @@ def check_consistent(manifest: dict[str, Any], path: Path) -> None:
             raise ManifestError(f"{path}: artifact {kind} names {name!r}, which is not a file inside the export dir")
 
 
-def artifact_path(directory: str | Path, manifest: dict[str, Any], backend: str) -> Path:
+def artifact_path(directory: str | Path, manifest: dict[str, Any], kind: str) -> Path:
     try:
-        return Path(directory) / manifest["artifacts"][backend]["file"]
+        return Path(directory) / manifest["artifacts"][kind]["file"]
     except KeyError:
-        raise ManifestError(f"{Path(directory) / MANIFEST} lists no {backend} artifact "
+        raise ManifestError(f"{Path(directory) / MANIFEST} lists no {kind} artifact "
                             f"(it has: {', '.join(manifest['artifacts'])})") from None
 
 
-def verify_file(directory: str | Path, manifest: dict[str, Any], backend: str) -> Path:
+def verify_file(directory: str | Path, manifest: dict[str, Any], kind: str) -> Path:
     """The artifact's path once its size and sha256 match the manifest; ManifestError naming it otherwise."""
-    path = artifact_path(directory, manifest, backend)
-    entry = manifest["artifacts"][backend]
+    path = artifact_path(directory, manifest, kind)
+    entry = manifest["artifacts"][kind]
     if not path.is_file():
         raise ManifestError(f"{path} is listed in the manifest but missing")
     if path.stat().st_size != entry["bytes"] or sha256_file(path) != entry["sha256"]:

@@ -1,4 +1,4 @@
-"""Run every backend on the same images at several batch sizes, compare with eager PyTorch, gate on the result."""
+"""Run every runtime on the same images at several batch sizes, compare with eager PyTorch, gate on the result."""
 from __future__ import annotations
 
 import warnings
@@ -14,26 +14,26 @@ from distributed.data import TASKS
 
 from .manifest import INPUT_NAME, probe_images
 
-Backend = Callable[[np.ndarray], np.ndarray]  # float32 [N, 1, 28, 28] -> logits [N, C]
+Runner = Callable[[np.ndarray], np.ndarray]  # float32 [N, 1, 28, 28] -> logits [N, C]
 
 
 class ParityError(RuntimeError):
     """An artifact does not answer like the eager model."""
 
 
-def torch_backend(module: Callable[[torch.Tensor], torch.Tensor]) -> Backend:
+def torch_runtime(module: Callable[[torch.Tensor], torch.Tensor]) -> Runner:
     def run(images: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
             return module(torch.from_numpy(images)).numpy()
     return run
 
 
-def eager_backend(model: nn.Module) -> Backend:
-    return torch_backend(model.eval())
+def eager_runtime(model: nn.Module) -> Runner:
+    return torch_runtime(model.eval())
 
 
-def load_backends(files: dict[str, Path]) -> dict[str, Backend]:
-    """A backend for each artifact file (keyed as in the manifest); ParityError when one cannot be loaded."""
+def load_runtimes(files: dict[str, Path]) -> dict[str, Runner]:
+    """A runtime for each artifact file (keyed as in the manifest); ParityError when one cannot be loaded."""
     try:
         session = ort.InferenceSession(str(files["onnx"]), providers=["CPUExecutionProvider"])
         with warnings.catch_warnings():
@@ -44,14 +44,14 @@ def load_backends(files: dict[str, Path]) -> dict[str, Backend]:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise ParityError(f"an artifact in {files['onnx'].parent} cannot be loaded ({reason}): re-export") from None
     return {
-        "torchscript": torch_backend(scripted.eval()),
-        "exported_program": torch_backend(program),
+        "torchscript": torch_runtime(scripted.eval()),
+        "exported_program": torch_runtime(program),
         "onnxruntime": lambda images: session.run(None, {INPUT_NAME: images})[0],
     }
 
 
-def run_batched(backend: Backend, images: np.ndarray, batch_size: int) -> np.ndarray:
-    return np.concatenate([backend(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
+def run_batched(runtime: Runner, images: np.ndarray, batch_size: int) -> np.ndarray:
+    return np.concatenate([runtime(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
 
 
 def parity_set(data_dir: str | None, task: str, random_count: int = 1000) -> tuple[np.ndarray, np.ndarray | None, str]:
@@ -75,14 +75,14 @@ def compare(reference: np.ndarray, logits: np.ndarray, labels: np.ndarray | None
     }
 
 
-def parity_report(reference: Backend, backends: dict[str, Backend], images: np.ndarray,
+def parity_report(reference: Runner, runtimes: dict[str, Runner], images: np.ndarray,
                   labels: np.ndarray | None, batch_sizes: list[int], atol: float) -> dict[str, Any]:
-    """Reference logits at the largest batch size; each backend's worst case over all batch sizes."""
+    """Reference logits at the largest batch size; each runtime's worst case over all batch sizes."""
     largest = max(batch_sizes)
     ref = run_batched(reference, images, largest)
     results: dict[str, Any] = {}
-    for name, backend in {"eager": reference, **backends}.items():
-        per_size = [compare(ref, ref if backend is reference and bs == largest else run_batched(backend, images, bs),
+    for name, runtime in {"eager": reference, **runtimes}.items():
+        per_size = [compare(ref, ref if runtime is reference and bs == largest else run_batched(runtime, images, bs),
                             labels) for bs in batch_sizes]
         results[name] = {
             "finite": all(r["finite"] for r in per_size),
@@ -90,22 +90,22 @@ def parity_report(reference: Backend, backends: dict[str, Backend], images: np.n
             "top1_agreement": min(r["top1_agreement"] for r in per_size),
             "accuracy": per_size[-1]["accuracy"],
         }
-    report = {"count": len(images), "batch_sizes": batch_sizes, "atol": atol, "backends": results}
+    report = {"count": len(images), "batch_sizes": batch_sizes, "atol": atol, "runtimes": results}
     return {**report, "passed": not failures(report)}
 
 
 def failures(report: dict[str, Any]) -> list[str]:
-    """Every backend that is off, in words. NaN never passes: `not diff <= atol` is true for it."""
+    """Every runtime that is off, in words. NaN never passes: `not diff <= atol` is true for it."""
     return [f"{name}: " + ("NaN or infinite logits" if not r["finite"] else
                            f"max |logit diff| {r['max_abs_diff']:.3g} (atol {report['atol']:g}), "
                            f"top-1 agreement {r['top1_agreement']:.4%}")
-            for name, r in report["backends"].items()
+            for name, r in report["runtimes"].items()
             if not r["finite"] or not r["max_abs_diff"] <= report["atol"] or r["top1_agreement"] < 1.0]
 
 
 def format_report(report: dict[str, Any]) -> str:
-    lines = [f"{'backend':<18}{'max |diff|':>12}{'top-1 agree':>14}{'accuracy':>11}"]
-    for name, r in report["backends"].items():
+    lines = [f"{'runtime':<18}{'max |diff|':>12}{'top-1 agree':>14}{'accuracy':>11}"]
+    for name, r in report["runtimes"].items():
         acc = f"{r['accuracy']:.2%}" if r["accuracy"] is not None else "-"
         lines.append(f"{name:<18}{r['max_abs_diff']:>12.2e}{r['top1_agreement']:>14.2%}{acc:>11}")
     return "\n".join(lines)

@@ -54,8 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", help="image files and/or folders")
     p.add_argument("--model", help=f"export dir with manifest.json (default: ${MODEL_ENV}, else the newest "
                                    f"runs/*/export)")
-    p.add_argument("--backend", choices=["auto", "onnxruntime", "torchscript"], default="auto",
-                   help="auto: ONNX Runtime, on CUDA when its provider is available")
+    p.add_argument("--runtime", "--backend", choices=["auto", "onnxruntime", "torchscript"], default="auto",
+                   help="what runs the model (--backend is its old name); auto: ONNX Runtime, on CUDA when its "
+                        "provider is available")
     p.add_argument("--format", choices=sorted(WRITERS), default="table")
     p.add_argument("--output", help="write rows to this file instead of stdout")
     p.add_argument("--top-k", type=int, default=0, help="also list the K most likely classes")
@@ -157,7 +158,7 @@ def predict(args: argparse.Namespace) -> int:
     model_dir = Path(args.model) if args.model else default_model_dir()
     start = time.perf_counter()
     with open_output(args.output) as stream:
-        manifest, runtime = resolve_model(model_dir, args.backend, args.threads or None)
+        manifest, runtime = resolve_model(model_dir, args.runtime, args.threads or None)
         # On the CPU each worker runs its own model copy, one thread each unless --threads says otherwise;
         # a GPU session stays single, in this process, fed by the workers' decoded images.
         in_workers = args.workers > 1 and runtime.on_cpu
@@ -172,7 +173,7 @@ def predict(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - start
     where = f", {args.workers} workers" if in_workers else ""
     print(f"{count:,} images, {failed:,} failed, {seconds:.2f}s, {count / seconds:,.0f} images/s "
-          f"[{model.backend if model else runtime.name}{where}, model {model_dir}]", file=sys.stderr)
+          f"[{model.runtime if model else runtime.name}{where}, model {model_dir}]", file=sys.stderr)
     return 1 if failed else 0
 
 
@@ -237,7 +238,7 @@ def describe(directory: Path, m: dict) -> str:
     if parity:
         lines.append(f"parity     {'passed' if parity['passed'] else 'FAILED'} on {parity['dataset']}, batch sizes "
                      f"{', '.join(map(str, parity['batch_sizes']))}, atol {parity['atol']:g}")
-        for name, r in parity["backends"].items():
+        for name, r in parity.get("runtimes", {}).items():
             acc = f"  accuracy {r['accuracy']:.2%}" if r.get("accuracy") is not None else ""
             lines.append(f"           {name:<17} max |diff| {r['max_abs_diff']:.1e}  top-1 agree "
                          f"{r['top1_agreement']:.2%}{acc}")

@@ -1,6 +1,8 @@
-"""Find and load an exported model: manifest, sha256 check, then an ONNX Runtime or TorchScript backend.
+"""Find and load an exported model: manifest, sha256 check, then a runtime (ONNX Runtime or TorchScript).
 
-Nothing here imports torch unless the TorchScript backend is asked for.
+Vocabulary: an *artifact* is a file kind in the manifest (onnx, torchscript, exported_program); a
+*runtime* is what executes one (onnxruntime runs onnx, torchscript runs torchscript).
+Nothing here imports torch unless the TorchScript runtime is asked for.
 """
 from __future__ import annotations
 
@@ -74,7 +76,7 @@ class Runtime:
 
 @dataclass(frozen=True)
 class LoadedModel:
-    backend: str  # what actually runs, e.g. "onnxruntime (CPUExecutionProvider)"
+    runtime: str  # what actually runs, e.g. "onnxruntime (CPUExecutionProvider)"
     run: Callable[[np.ndarray], np.ndarray]  # float32 [N, 1, 28, 28] -> logits [N, C]
 
 
@@ -101,18 +103,18 @@ def open_manifest(directory: Path) -> dict[str, Any]:
         raise ModelError(str(e)) from None
 
 
-def resolve_model(directory: Path, backend: str = "auto",
+def resolve_model(directory: Path, runtime: str = "auto",
                   threads: int | None = None) -> tuple[dict[str, Any], Runtime]:
     """The manifest and how to run its checked artifact, without loading it yet."""
     manifest = open_manifest(directory)
-    kind = "torchscript" if backend == "torchscript" else "onnxruntime"
+    kind = "torchscript" if runtime == "torchscript" else "onnxruntime"
     try:
         path = verify_file(directory, manifest, ARTIFACT_OF[kind])
     except ManifestError as e:
         raise ModelError(str(e)) from None
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
-    if backend == "auto":
-        import onnxruntime as ort  # here, not at the top: `serve_cli info` and --backend torchscript skip it
+    if runtime == "auto":
+        import onnxruntime as ort  # here, not at the top: `serve_cli info` and --runtime torchscript skip it
 
         if "CUDAExecutionProvider" in ort.get_available_providers():
             providers = ("CUDAExecutionProvider", *providers)
@@ -123,9 +125,9 @@ def resolve_model(directory: Path, backend: str = "auto",
     return manifest, Runtime(kind, path, providers, threads, reference)
 
 
-def load_model(directory: Path, backend: str = "auto", threads: int | None = None) -> LoadedModel:
-    _, runtime = resolve_model(directory, backend, threads)
-    return LoadedModel(*runtime.build())
+def load_model(directory: Path, runtime: str = "auto", threads: int | None = None) -> LoadedModel:
+    _, recipe = resolve_model(directory, runtime, threads)
+    return LoadedModel(*recipe.build())
 
 
 def _onnxruntime(path: Path, providers: tuple[str, ...], threads: int | None) -> tuple[str, Callable]:
@@ -145,7 +147,7 @@ def _onnxruntime(path: Path, providers: tuple[str, ...], threads: int | None) ->
 
 
 def _torchscript(path: Path, threads: int | None) -> tuple[str, Callable]:
-    import torch  # only this backend pays for importing torch (about 2 s)
+    import torch  # only this runtime pays for importing torch (about 2 s)
 
     if threads:
         torch.set_num_threads(threads)

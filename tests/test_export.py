@@ -1,4 +1,4 @@
-"""python -m export: every registry model through all four backends, the parity gate, --verify, bad input."""
+"""python -m export: every registry model through all four runtimes, the parity gate, --verify, bad input."""
 from __future__ import annotations
 
 import json
@@ -16,7 +16,7 @@ from distributed.models import build_model
 from export.__main__ import main
 from export.manifest import read_manifest, seal, sha256_file
 
-BACKENDS = {"eager", "torchscript", "exported_program", "onnxruntime"}
+RUNTIMES = {"eager", "torchscript", "exported_program", "onnxruntime"}
 
 
 def make_checkpoint(path: Path, model: str, task: str, data_dir: Path | None, device: str = "cpu") -> Path:
@@ -41,8 +41,8 @@ def test_every_model_kind_exports_and_passes_the_gate(model: str, task: str, syn
     manifest = read_manifest(out)
     parity = manifest["parity"]
     assert parity["passed"] and parity["batch_sizes"] == [1, 7, 64] and parity["count"] == 200
-    assert set(parity["backends"]) == BACKENDS
-    for result in parity["backends"].values():
+    assert set(parity["runtimes"]) == RUNTIMES
+    for result in parity["runtimes"].values():
         assert result["max_abs_diff"] <= 1e-4 and result["top1_agreement"] == 1.0
     assert manifest["model"] == {"name": model, "task": task, "classes": list(TASKS[task].classes),
                                  "num_classes": TASKS[task].num_classes}
@@ -65,7 +65,7 @@ def test_torchrun_checkpoint_exports_end_to_end(exported: Path, ddp_run: Path) -
     assert manifest["input"]["normalization"]["applied"] == "inside the model"
     assert {"torch", "onnx", "onnxruntime"} <= manifest["versions"].keys()
     assert manifest["artifacts"]["onnx"]["opset"] >= 17
-    accuracies = {r["accuracy"] for r in manifest["parity"]["backends"].values()}
+    accuracies = {r["accuracy"] for r in manifest["parity"]["runtimes"].values()}
     assert len(accuracies) == 1 and accuracies.pop() > 0.5  # synthetic labels: real, equal accuracy everywhere
 
 
@@ -143,7 +143,7 @@ def test_without_mnist_the_gate_uses_seeded_random_images(tmp_path: Path) -> Non
     assert main(["--checkpoint", str(ckpt), "--out-dir", str(tmp_path / "e"), "--batch-sizes", "1,64"]) == 0
     parity = read_manifest(tmp_path / "e")["parity"]
     assert parity["dataset"].startswith("seeded uniform random images") and parity["count"] == 1000
-    assert parity["backends"]["onnxruntime"]["accuracy"] is None
+    assert parity["runtimes"]["onnxruntime"]["accuracy"] is None
 
 
 @pytest.mark.parametrize("content, message", [(None, "checkpoint not found"),

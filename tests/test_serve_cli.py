@@ -66,7 +66,7 @@ def test_mnist_test_set_as_png_equals_in_memory(mnist_export: Path, real_data: P
     assert np.array_equal(predicted, in_memory_predictions(mnist_export, images))  # all 10,000
     manifest = json.loads((mnist_export / "manifest.json").read_text())
     assert (predicted == digits.numpy()).mean() == pytest.approx(
-        manifest["parity"]["backends"]["onnxruntime"]["accuracy"])
+        manifest["parity"]["runtimes"]["onnxruntime"]["accuracy"])
 
 
 def variants(img: np.ndarray) -> dict[str, Image.Image]:
@@ -170,15 +170,15 @@ def test_bad_files_get_error_rows_and_good_files_are_predicted(exported_run: Pat
     assert len(same) == 1  # copies of one 28x28 digit pass through unchanged: one answer
 
 
-@pytest.mark.parametrize("backend", ["onnxruntime", "torchscript"])
+@pytest.mark.parametrize("runtime", ["onnxruntime", "torchscript"])
 def test_model_in_workers_gives_the_rows_of_the_model_in_process(exported_run: Path, bad_corpus, tmp_path: Path,
-                                                                  capsys, backend: str) -> None:
+                                                                  capsys, runtime: str) -> None:
     """--workers 3: each worker runs its own model copy; --workers 1: one model here. Small batches put
     good and bad files, and batches with no good file at all, in the same run."""
     folder, _ = bad_corpus
     images, _ = synthetic_digits(12, seed=6)
     save_pngs(folder / "more", images)
-    common = [str(folder), str(folder / "more"), "--model", str(exported_run), "--backend", backend,
+    common = [str(folder), str(folder / "more"), "--model", str(exported_run), "--runtime", runtime,
               "--batch-size", "3", "--top-k", "2"]
     runs = []
     for workers in ("1", "3"):
@@ -215,11 +215,11 @@ def test_preprocessing_centres_and_scales_ink(tmp_path: Path) -> None:
     assert digit.max() == pytest.approx(1.0) and digit[0, 0] == 0.0  # inverted: bright ink on black
 
 
-def test_backends_agree(exported_run: Path, tmp_path: Path, capsys) -> None:
+def test_runtimes_agree(exported_run: Path, tmp_path: Path, capsys) -> None:
     images, _ = synthetic_digits(50, seed=3)
     save_pngs(tmp_path, images)
     _, onnx_rows = predict_jsonl(capsys, str(tmp_path), "--model", str(exported_run))
-    _, ts_rows = predict_jsonl(capsys, str(tmp_path), "--model", str(exported_run), "--backend", "torchscript")
+    _, ts_rows = predict_jsonl(capsys, str(tmp_path), "--model", str(exported_run), "--runtime", "torchscript")
     assert [r["class"] for r in onnx_rows] == [r["class"] for r in ts_rows]
     assert np.allclose([r["confidence"] for r in onnx_rows], [r["confidence"] for r in ts_rows], atol=1e-5)
 
@@ -333,13 +333,13 @@ def test_serve_cli_model_variable_wins(exported_run: Path, tmp_path: Path) -> No
     assert "model chosen]" in proc.stderr
 
 
-@pytest.mark.parametrize("backend", ["onnxruntime", "torchscript"])
-def test_threads_per_model_copy(exported_run: Path, tmp_path: Path, backend: str, capsys) -> None:
+@pytest.mark.parametrize("runtime", ["onnxruntime", "torchscript"])
+def test_threads_per_model_copy(exported_run: Path, tmp_path: Path, runtime: str, capsys) -> None:
     paths = save_pngs(tmp_path, synthetic_digits(12, seed=2)[0])
     rows = {}
     for threads in ("1", "2"):
         assert main(["predict", str(tmp_path), "--model", str(exported_run), "--threads", threads,
-                     "--workers", "1", "--backend", backend, "--format", "csv"]) == 0
+                     "--workers", "1", "--runtime", runtime, "--format", "csv"]) == 0
         rows[threads] = capsys.readouterr().out
     assert rows["1"] == rows["2"] and len(rows["1"].splitlines()) == len(paths) + 1
 
