@@ -66,6 +66,12 @@ def real_data(tmp_path_factory) -> Path:
     return root
 
 
+def final_weights(run_dir: Path) -> dict:
+    """The model weights of RUN_DIR/checkpoints/last.pt."""
+    from distributed import checkpoint
+    return checkpoint.load(run_dir / "checkpoints" / "last.pt")["model"]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -13,7 +13,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import ROOT, free_port, torchrun, write_synthetic_mnist
+from conftest import ROOT, final_weights, free_port, torchrun, write_synthetic_mnist
 from distributed import checkpoint
 
 pytestmark = pytest.mark.slow
@@ -62,10 +62,6 @@ def worker_pid(agent: int, rank: int) -> int:
     raise AssertionError(f"no rank {rank} worker under torchrun {agent}")
 
 
-def weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return checkpoint.load(run_dir / "checkpoints" / "last.pt")["model"]
-
-
 @pytest.fixture(scope="module")
 def uninterrupted(bigger_data, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("uninterrupted")
@@ -96,7 +92,7 @@ def test_killed_worker_is_restarted_and_resumes(bigger_data, uninterrupted: Path
     for name in ("last.pt", "best.pt"):
         checkpoint.load(tmp_path / "checkpoints" / name)
     assert not list((tmp_path / "checkpoints").glob(".*"))  # the killed save's temp file was cleaned up
-    a, b = weights(uninterrupted), weights(tmp_path)
+    a, b = final_weights(uninterrupted), final_weights(tmp_path)
     assert all(torch.equal(a[k], b[k]) for k in a)  # mid-epoch resume is exact: data order, RNG, optimiser
 
 

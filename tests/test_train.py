@@ -8,6 +8,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from conftest import final_weights
 from distributed import checkpoint, dist
 from distributed.config import SEED_RECIPE, parse_args
 from distributed.train import fit, main
@@ -19,10 +20,6 @@ REQUIRED_METRICS = {"test_accuracy", "test_loss", "val_accuracy", "epochs", "wor
 def args(data: Path, run_dir: Path, *extra: str) -> list[str]:
     return ["--data-dir", str(data), "--run-dir", str(run_dir), "--val-size", "64", "--epochs", "2",
             "--log-every", "2", *extra]
-
-
-def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return checkpoint.load(run_dir / "checkpoints" / "last.pt")["model"]
 
 
 @pytest.fixture(scope="module")
