@@ -23,7 +23,7 @@ MUTANTS: dict[str, tuple[str, str, str, str]] = {
                              "tests/test_torchrun.py -k three_ranks"),
     "padding_counted": ("distributed/data.py", "- (padding if done else 0)", "- 0",
                         "tests/test_torchrun.py -k three_ranks"),
-    "no_resume_ignored": ("distributed/train.py", "if cfg.resume is False or", "if False or",
+    "no_resume_ignored": ("distributed/checkpoint.py", "if cfg.resume is False or", "if False or",
                           "tests/test_train.py -k no_resume"),
     "checkpoint_every_steps_off": ("distributed/train.py", "save = cfg.checkpoint_every_steps and", "save = False and",
                                    "tests/test_train.py -k checkpoint_every_steps"),
