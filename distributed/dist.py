@@ -107,8 +107,7 @@ def all_reduce_sum(tensor: torch.Tensor, env: DistEnv) -> torch.Tensor:
 
 def all_ok(ok: bool, env: DistEnv) -> bool:
     """True only when every rank says ok: lets ranks fail together instead of hanging in a collective."""
-    flag = torch.tensor([0 if ok else 1], dtype=torch.int32, device=env.device)
-    return int(all_reduce_sum(flag, env).item()) == 0
+    return not any_rank([not ok], env)[0]
 
 
 def any_rank(flags: list[bool], env: DistEnv) -> list[bool]:
