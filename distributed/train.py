@@ -66,7 +66,6 @@ class RunState:
     train_images: int = 0
     epoch_loss_sum: float = 0.0  # the current epoch's work so far (it may span a restart)
     epoch_seconds: float = 0.0
-    epoch_images: int = 0
     best_val_accuracy: float = -1.0
     best_epoch: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
@@ -175,7 +174,7 @@ class Trainer:
         # Another world size, --epochs or --batch-size: the shards and the steps per epoch changed, so the
         # current epoch restarts and the LR schedule is re-fitted to the new length.
         self.run.batch_in_epoch = 0
-        self.run.epoch_loss_sum, self.run.epoch_seconds, self.run.epoch_images = 0.0, 0.0, 0
+        self.run.epoch_loss_sum, self.run.epoch_seconds = 0.0, 0.0
         if self.scheduler is not None:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # stepping a scheduler without optimiser steps warns
@@ -261,7 +260,6 @@ class Trainer:
         run = self.run
         run.epoch_loss_sum += loss_sum
         run.epoch_seconds += seconds
-        run.epoch_images += images
         run.train_seconds += seconds
         run.train_images += images
 
@@ -288,12 +286,13 @@ class Trainer:
         self.record = {"epoch": run.epoch, "step": run.step,
                        "train_loss": run.epoch_loss_sum / max(run.batch_in_epoch, 1),
                        "test_loss": test.loss, "test_accuracy": test.accuracy,
-                       "images_per_second": run.epoch_images / max(run.epoch_seconds, 1e-9),
+                       "images_per_second": images_seen(self.sampler, self.cfg.batch_size, run.batch_in_epoch)
+                       / max(run.epoch_seconds, 1e-9),
                        "epoch_seconds": run.epoch_seconds}
         if val is not None:
             self.record.update(val_loss=val.loss, val_accuracy=val.accuracy)
         run.history.append(self.record)
-        run.batch_in_epoch, run.epoch_loss_sum, run.epoch_seconds, run.epoch_images = 0, 0.0, 0.0, 0
+        run.batch_in_epoch, run.epoch_loss_sum, run.epoch_seconds = 0, 0.0, 0.0
         self.save_checkpoint(best=is_best)
         self.report.epoch(self.record, test, self.model, self.test)
 
