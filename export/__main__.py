@@ -28,7 +28,7 @@ from distributed.files import write_json
 
 from .formats import write_exported_program, write_onnx, write_torchscript
 from .manifest import (FORMAT_VERSION, INPUT_NAME, MANIFEST, OUTPUT_NAME, ManifestError, file_entry, is_ours,
-                       load_json, probe_images, read_manifest, seal, sha256_file, verify_file)
+                       is_plain_name, load_json, probe_images, read_manifest, seal, sha256_file, verify_file)
 from .parity import (ParityError, compare, eager_runtime, failures, format_report, load_runtimes, parity_report,
                      parity_set)
 from .wrap import load_for_export
@@ -90,14 +90,14 @@ def build_manifest(info: dict[str, Any], checkpoint: Path, artifacts: dict[str, 
     })
 
 
-def write_artifacts(model: Any, staging: Path, opset: int) -> dict[str, Any]:
-    """Every artifact file in `staging`; their manifest entries, keyed by artifact kind."""
-    method = write_torchscript(model, staging / ARTIFACT_FILES["torchscript"])
-    write_exported_program(model, staging / ARTIFACT_FILES["exported_program"])
-    write_onnx(model, staging / ARTIFACT_FILES["onnx"], opset)
-    return {"onnx": file_entry(staging / ARTIFACT_FILES["onnx"], opset=opset),
-            "torchscript": file_entry(staging / ARTIFACT_FILES["torchscript"], method=method),
-            "exported_program": file_entry(staging / ARTIFACT_FILES["exported_program"])}
+def write_artifacts(model: Any, files: dict[str, Path], opset: int) -> dict[str, Any]:
+    """Every artifact file (artifact kind -> path); their manifest entries, keyed the same way."""
+    method = write_torchscript(model, files["torchscript"])
+    write_exported_program(model, files["exported_program"])
+    write_onnx(model, files["onnx"], opset)
+    return {"onnx": file_entry(files["onnx"], opset=opset),
+            "torchscript": file_entry(files["torchscript"], method=method),
+            "exported_program": file_entry(files["exported_program"])}
 
 
 def check_parity(model: Any, files: dict[str, Path], task: str, data_dir: str | None, batch_sizes: list[int],
@@ -122,10 +122,14 @@ def previous_export(out_dir: Path) -> dict[str, Any] | None:
         raise ManifestError(f"--out-dir {out_dir} is a file: choose a folder")
     if not any(out_dir.iterdir()):
         return None
-    if not is_ours(out_dir):
+    try:
+        old = load_json(out_dir / MANIFEST)
+    except ManifestError:
+        old = None
+    if not is_ours(old):
         raise ManifestError(f"--out-dir {out_dir} holds files that are not an export of this tool: choose an empty "
                             f"or new folder")
-    return load_json(out_dir / MANIFEST)
+    return old
 
 
 def export_checkpoint(checkpoint: Path, out_dir: Path, data_dir: str | None, batch_sizes: list[int],
@@ -136,8 +140,8 @@ def export_checkpoint(checkpoint: Path, out_dir: Path, data_dir: str | None, bat
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.staging-", dir=out_dir.parent))
     try:
-        artifacts = write_artifacts(model, staging, opset)
-        files = {kind: staging / entry["file"] for kind, entry in artifacts.items()}
+        files = {kind: staging / name for kind, name in ARTIFACT_FILES.items()}
+        artifacts = write_artifacts(model, files, opset)
         parity = check_parity(model, files, info["task"], data_dir or info["data_dir"], batch_sizes, atol,
                               failed="parity gate failed, nothing exported")
         reference = eager_runtime(model)(probe_images(PROBE_SEED, PROBE_COUNT)).tolist()
@@ -159,7 +163,7 @@ def install(staging: Path, out_dir: Path, manifest: dict[str, Any], old: dict[st
         os.replace(staging / name, out_dir / name)
     for entry in (old or {}).get("artifacts", {}).values():
         name = entry.get("file") if isinstance(entry, dict) else None
-        if isinstance(name, str) and Path(name).name == name and name not in ours + [MANIFEST]:
+        if is_plain_name(name) and name not in ours + [MANIFEST]:
             (out_dir / name).unlink(missing_ok=True)
 
 

@@ -65,14 +65,15 @@ def load_json(path: Path) -> Any:
         raise ManifestError(f"{path} is not valid JSON ({e})") from None
 
 
-def is_ours(directory: Path) -> bool:
-    """Whether `directory` holds a manifest of this tool (any format version), damaged or not."""
-    try:
-        m = load_json(directory / MANIFEST)
-    except ManifestError:
-        return False
+def is_ours(m: Any) -> bool:
+    """Whether parsed JSON is a manifest of this tool (any format version), damaged or not."""
     return (isinstance(m, dict) and isinstance(m.get("format_version"), int) and isinstance(m.get("artifacts"), dict)
             and all(k in m for k in ("model", "input", "output")))
+
+
+def is_plain_name(name: Any) -> bool:
+    """A file name that stays inside the export dir: no folders, no `..`, not absolute."""
+    return isinstance(name, str) and Path(name).name == name and name not in ("", ".", "..")
 
 
 def read_manifest(directory: str | Path) -> dict[str, Any]:
@@ -106,7 +107,7 @@ def check_consistent(manifest: dict[str, Any], path: Path) -> None:
                             f"disagree: re-export with python -m export")
     for kind, entry in manifest["artifacts"].items():
         name = entry.get("file") if isinstance(entry, dict) else None
-        if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+        if not is_plain_name(name):
             raise ManifestError(f"{path}: artifact {kind} names {name!r}, which is not a file inside the export dir")
 
 
