@@ -17,6 +17,7 @@ from .dist import DistEnv
 from .engine import EvalResult
 from .files import write_json
 from .tb import open_logger
+from .timing import phase_line
 
 GRID_IMAGES = 32
 
@@ -97,7 +98,7 @@ def epoch_line(record: dict[str, float], epochs: int) -> str:
 
 
 def final_metrics(cfg: TrainConfig, env: DistEnv, task: Task, run: Any, amp: str, test: EvalResult,
-                  val: EvalResult | None, fingerprints: list[str]) -> dict[str, Any]:
+                  val: EvalResult | None, fingerprints: list[str], phases: dict[str, float]) -> dict[str, Any]:
     """metrics.json: the run's result and every piece of work it did, resumed attempts included."""
     return {
         "task": cfg.task, "model": cfg.model, "classes": list(task.classes),
@@ -109,10 +110,11 @@ def final_metrics(cfg: TrainConfig, env: DistEnv, task: Task, run: Any, amp: str
         "train_seconds": run.train_seconds, "train_images": run.train_images,
         "train_images_per_second": run.train_images / run.train_seconds if run.train_seconds else 0.0,
         "replica_weight_sha256": fingerprints, "history": run.history,
+        "phase_seconds": phases,  # this command's wall time (rank 0), process start to the final metrics
     }
 
 
-def done_line(metrics: dict[str, Any], world_size: int, seconds: float, run_dir: str) -> str:
+def done_line(metrics: dict[str, Any], world_size: int, run_dir: str) -> str:
     return (f"done: test accuracy {metrics['test_accuracy']:.2%} after {metrics['epochs']} epoch(s), "
             f"{metrics['train_seconds']:.1f}s training ({metrics['train_images_per_second']:,.0f} img/s, "
-            f"world size {world_size}), {seconds:.1f}s total; run dir {run_dir}")
+            f"world size {world_size}); run dir {run_dir}\n{phase_line(metrics['phase_seconds'])}")

@@ -31,6 +31,7 @@ from .files import RunDirError, lock_run_dir
 from .models import build_model, to_device
 from .optim import build_optimizer, build_scheduler
 from .report import Reporter, done_line, final_metrics
+from .timing import Phases
 
 STOP_CHECK_EVERY = 10  # steps between the ranks' agreement on a stop signal and a finite loss (a collective)
 EXIT_PREEMPTED = 128 + signal.SIGTERM
@@ -88,8 +89,8 @@ class Segment:
 class Trainer:
     """The model, optimiser and progress of one run: everything a checkpoint captures, and the loop."""
 
-    def __init__(self, cfg: TrainConfig, env: dist.DistEnv, stop: StopRequest) -> None:
-        self.cfg, self.env, self.stop = cfg, env, stop
+    def __init__(self, cfg: TrainConfig, env: dist.DistEnv, stop: StopRequest, phases: Phases) -> None:
+        self.cfg, self.env, self.stop, self.phases = cfg, env, stop, phases
         self.task = TASKS[cfg.task]
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
@@ -105,8 +106,10 @@ class Trainer:
         lock = lock_run_dir(self.run_dir, env)
         if lock is not None:
             self.closing.callback(lock.release)
-        state = checkpoint.resume_state(cfg, self.ckpt_dir / "last.pt")
-        self.train, self.val, self.test = load_data(cfg, self.task, env)
+        with self.phases("checkpoints/logging"):
+            state = checkpoint.resume_state(cfg, self.ckpt_dir / "last.pt")
+        with self.phases("data"):
+            self.train, self.val, self.test = load_data(cfg, self.task, env)
         self.dtype = amp_dtype(cfg.amp, env.device)
 
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank (DDP also broadcasts rank 0's)
@@ -136,8 +139,9 @@ class Trainer:
         resumed_at = None if state is None else (
             f"epoch {self.run.epoch}" + (f" + {self.run.batch_in_epoch} batches" if self.run.batch_in_epoch else "")
             + f", step {self.run.step}")
-        self.report.started(resumed_at, self.model,
-                            self.test.batch(torch.arange(min(2, len(self.test)), device=env.device))[0])
+        with self.phases("checkpoints/logging"):
+            self.report.started(resumed_at, self.model,
+                                self.test.batch(torch.arange(min(2, len(self.test)), device=env.device))[0])
 
     def close(self) -> None:
         self.closing.close()
@@ -184,21 +188,23 @@ class Trainer:
 
     def save_checkpoint(self, best: bool = False) -> None:
         """Collective (buffers and RNG states of every rank), then rank 0 writes atomically."""
-        dist.sync_buffers(self.model, self.env)
-        rng = dist.all_gather_objects(checkpoint.rng_state(self.env.device), self.env)
-        if not self.env.is_main:
-            return
-        state = self.state_dict(rng)
-        checkpoint.save(self.ckpt_dir / "last.pt", state)
-        if best:
-            checkpoint.save(self.ckpt_dir / "best.pt", state)
+        with self.phases("checkpoints/logging"):
+            dist.sync_buffers(self.model, self.env)
+            rng = dist.all_gather_objects(checkpoint.rng_state(self.env.device), self.env)
+            if not self.env.is_main:
+                return
+            state = self.state_dict(rng)
+            checkpoint.save(self.ckpt_dir / "last.pt", state)
+            if best:
+                checkpoint.save(self.ckpt_dir / "best.pt", state)
 
     # -- the loop ----------------------------------------------------------------------------------
     def fit(self, stop_after_epoch: int | None = None) -> dict[str, Any]:
         """Train to cfg.epochs; returns the final metrics. `stop_after_epoch` stops early, as a preemption would."""
         test = val = None
         while self.run.epoch < self.cfg.epochs:
-            stopping = self.train_epoch()
+            with self.phases("training"):
+                stopping = self.train_epoch()
             test, val = self.score_all()
             self.end_epoch(test, val)
             if stopping:
@@ -273,9 +279,10 @@ class Trainer:
 
     def score_all(self) -> tuple[EvalResult, EvalResult | None]:
         """(test, val); val is None when --val-size is 0. Every rank scores rank 0's BatchNorm statistics."""
-        dist.sync_buffers(self.model, self.env)
-        val = self.score(self.val, self.val_shard) if len(self.val) else None
-        return self.score(self.test, self.test_shard), val
+        with self.phases("evaluation"):
+            dist.sync_buffers(self.model, self.env)
+            val = self.score(self.val, self.val_shard) if len(self.val) else None
+            return self.score(self.test, self.test_shard), val
 
     def end_epoch(self, test: EvalResult, val: EvalResult | None) -> None:
         run = self.run
@@ -294,19 +301,22 @@ class Trainer:
         run.history.append(self.record)
         run.batch_in_epoch, run.epoch_loss_sum, run.epoch_seconds = 0, 0.0, 0.0
         self.save_checkpoint(best=is_best)
-        self.report.epoch(self.record, test, self.model, self.test)
+        with self.phases("checkpoints/logging"):
+            self.report.epoch(self.record, test, self.model, self.test)
 
     def finish(self, test: EvalResult, val: EvalResult | None) -> dict[str, Any]:
-        fingerprints = dist.all_gather_objects(dist.weights_fingerprint(self.model), self.env)
-        amp = str(self.dtype or "off").replace("torch.", "")
-        metrics = final_metrics(self.cfg, self.env, self.task, self.run, amp, test, val, fingerprints)
-        self.report.finished(metrics)
-        return metrics
+        with self.phases("checkpoints/logging"):
+            fingerprints = dist.all_gather_objects(dist.weights_fingerprint(self.model), self.env)
+            amp = str(self.dtype or "off").replace("torch.", "")
+            metrics = final_metrics(self.cfg, self.env, self.task, self.run, amp, test, val, fingerprints,
+                                    self.phases.snapshot())
+            self.report.finished(metrics)
+            return metrics
 
 
 def fit(cfg: TrainConfig, env: dist.DistEnv, stop_after_epoch: int | None = None,
-        stop: StopRequest | None = None) -> dict[str, Any]:
-    trainer = Trainer(cfg, env, stop or StopRequest())
+        stop: StopRequest | None = None, phases: Phases | None = None) -> dict[str, Any]:
+    trainer = Trainer(cfg, env, stop or StopRequest(), phases or Phases())
     try:
         return trainer.fit(stop_after_epoch)
     finally:
@@ -314,15 +324,15 @@ def fit(cfg: TrainConfig, env: dist.DistEnv, stop_after_epoch: int | None = None
 
 
 def main(argv: list[str] | None = None) -> int:
+    phases = Phases()  # first: start-up counts from the process's start
     cfg = parse_args(argv)
-    start = time.perf_counter()
     stop = StopRequest()
     previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGTERM, signal.SIGINT)}
     env = None
     together = False  # every rank left fit() the same way (finished, or agreed to stop): teardown may wait
     try:
         env = dist.setup(cfg.device)
-        metrics = fit(cfg, env, stop=stop)
+        metrics = fit(cfg, env, stop=stop, phases=phases)
         together = True
     except Preempted as e:
         together = True
@@ -337,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     if env.is_main:
-        print(done_line(metrics, env.world_size, time.perf_counter() - start, cfg.run_dir), flush=True)
+        print(done_line(metrics, env.world_size, cfg.run_dir), flush=True)
     return 0
 
 
