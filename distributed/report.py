@@ -16,10 +16,14 @@ from .data import Split, Task
 from .dist import DistEnv
 from .engine import EvalResult
 from .files import write_json
-from .tb import open_logger
+from .tb import confusion_image, note_image, open_logger, tag_name, tile_grid
 from .timing import phase_line
 
-GRID_IMAGES = 32
+GRID_IMAGES = 32  # the first test images, the same ones every epoch
+GALLERY_IMAGES = 64  # the most confident mistakes
+PROJECTOR_IMAGES = 2000
+# Hyper-parameters shown in the HParams tab: what the model learned from, not where files went.
+NOT_HPARAMS = ("data_dir", "run_dir", "eval_batch_size", "log_every", "checkpoint_every_steps", "resume")
 
 
 class Reporter:
@@ -39,6 +43,7 @@ class Reporter:
             print(f"resumed from {self.run_dir / 'checkpoints' / 'last.pt'} at {resumed_at}", flush=True)
         else:
             self.logger.graph(model, example)
+        self.logger.layout({"recall": [r"test_per_class/recall/.*"], "precision": [r"test_per_class/precision/.*"]})
 
     def refitted(self, saved: dict[str, Any]) -> None:
         if self.active:
@@ -55,39 +60,113 @@ class Reporter:
         if self.progress:
             print(f"\repoch {epoch + 1} [{batch}/{batches}] loss {value:.4f}", end="", file=sys.stderr, flush=True)
 
-    def epoch(self, record: dict[str, float], test: EvalResult, model: nn.Module, split: Split) -> None:
+    def epoch(self, record: dict[str, float], test: EvalResult, split: Split) -> None:
         if not self.active:
             return
-        step, logger = int(record["step"]), self.logger
+        step, logger, classes = int(record["step"]), self.logger, self.task.classes
         for key in ("test_loss", "test_accuracy", "val_loss", "val_accuracy"):
             if key in record:
                 logger.scalar(key.replace("_", "/", 1), record[key], step)
-        logger.scalar("perf/images_per_second", record["images_per_second"], step)
-        logger.scalar("perf/epoch_seconds", record["epoch_seconds"], step)
-        index = torch.arange(min(GRID_IMAGES, len(split)), device=split.labels.device)
-        with torch.inference_mode():
-            was_training = model.training
-            x, y = split.batch(index)
-            predicted = model.eval()(x).argmax(1)
-            model.train(was_training)
-        logger.predictions(split.images[index], predicted, y, self.task.classes, step)
-        logger.confusion(test.confusion, self.task.classes, step)
+        for key in ("images_per_second", "epoch_seconds", "train_seconds"):
+            logger.scalar(f"perf/{key}", record[key], step)
+        recall, precision = per_class(test.confusion)
+        for c, name in enumerate(classes):
+            logger.scalar(f"test_per_class/recall/{tag_name(name)}", recall[c], step)
+            logger.scalar(f"test_per_class/precision/{tag_name(name)}", precision[c], step)
+        logger.image("test/confusion_matrix", confusion_image(test.confusion, classes), step)
+        labels = split.labels.cpu()
+        predicted = test.probabilities.argmax(1)
+        first = slice(0, min(GRID_IMAGES, len(labels)))
+        wrong = (predicted[first] != labels[first]).tolist()
+        captions = [f"{classes[t]} -> {classes[p]}" if w else classes[p]
+                    for t, p, w in zip(labels[first].tolist(), predicted[first].tolist(), wrong)]
+        logger.image("test/predictions", tile_grid(split.images[first], captions, wrong), step)
+        self.mistakes(test.probabilities, labels, split, step)
         if self.progress:
             print("\r\033[K", end="", file=sys.stderr)
         print(epoch_line(record, self.cfg.epochs), flush=True)
 
-    def finished(self, metrics: dict[str, Any]) -> None:
+    def mistakes(self, probabilities: torch.Tensor, labels: torch.Tensor, split: Split, step: int) -> None:
+        """The gallery of the most confident mistakes, and the same list as a table (test index included)."""
+        classes = self.task.classes
+        index, predicted, confidence = confident_mistakes(probabilities, labels)
+        total = len(index)
+        index, predicted, confidence = index[:GALLERY_IMAGES], predicted[:GALLERY_IMAGES], confidence[:GALLERY_IMAGES]
+        if total == 0:  # an image too, or the gallery would go on showing an earlier epoch's mistakes
+            note = f"No mistakes on the {len(labels):,} test images."
+            self.logger.image("test/mistakes", note_image(note), step)
+            self.logger.text("test/mistakes", note, step)
+            return
+        true = labels[index].tolist()
+        captions = [f"{classes[t]} -> {classes[p]} ({c:.2f})"
+                    for t, p, c in zip(true, predicted.tolist(), confidence.tolist())]
+        self.logger.image("test/mistakes", tile_grid(split.images[index.to(split.images.device)], captions,
+                                                     [True] * len(index)), step)
+        rows = [f"| {r + 1} | {i} | {classes[t]} | {classes[p]} | {c:.4f} |" for r, (i, t, p, c) in
+                enumerate(zip(index.tolist(), true, predicted.tolist(), confidence.tolist()))]
+        self.logger.text("test/mistakes", "\n".join(
+            [f"{total:,} mistakes on the {len(labels):,} test images; the {len(index)} most confident:", "",
+             "| rank | test index | true | predicted | confidence |", "|---|---|---|---|---|", *rows]), step)
+
+    def finished(self, metrics: dict[str, Any], test: EvalResult, model: nn.Module, split: Split) -> None:
         if not self.active:
             return
         write_json(self.run_dir / "metrics.json", metrics)
-        hparams = {k: v for k, v in self.cfg.to_dict().items() if v is not None}
-        self.logger.hparams(hparams | {"world_size": self.env.world_size},
-                            {"hparam/test_accuracy": metrics["test_accuracy"],
-                             "hparam/val_accuracy": metrics["val_accuracy"] or 0.0,
-                             "hparam/train_seconds": metrics["train_seconds"]})
+        step, logger, classes = metrics["steps"], self.logger, self.task.classes
+        labels = split.labels.cpu()
+        for c, name in enumerate(classes):
+            logger.pr_curve(f"pr/{tag_name(name)}", labels == c, test.probabilities[:, c], step)
+        subset = torch.randperm(len(split), generator=torch.Generator().manual_seed(self.cfg.seed))
+        subset = subset[:PROJECTOR_IMAGES].sort().values
+        predicted = test.probabilities[subset].argmax(1)
+        metadata = [[classes[t], classes[p], "yes" if t == p else "no"]
+                    for t, p in zip(labels[subset].tolist(), predicted.tolist())]
+        logger.projector(penultimate_features(model, split, subset.to(split.labels.device), self.cfg.eval_batch_size),
+                         metadata, ("label", "predicted", "correct"), split.images[subset.to(split.images.device)])
+        logger.text("run/phases", "| phase | seconds |\n|---|---|\n" + "\n".join(
+            f"| {name} | {seconds:.2f} |" for name, seconds in metrics["phase_seconds"].items()), step)
+        hparams = {k: v for k, v in self.cfg.to_dict().items() if v is not None and k not in NOT_HPARAMS}
+        metric_tags = ["test/accuracy", "test/loss", "perf/train_seconds"]
+        if metrics["val_accuracy"] is not None:
+            metric_tags.insert(1, "val/accuracy")
+        logger.hparams(hparams | {"world_size": self.env.world_size, "device": self.env.device.type}, metric_tags)
 
     def close(self) -> None:
         self.logger.close()
+
+
+def per_class(confusion: torch.Tensor) -> tuple[list[float], list[float]]:
+    """(recall, precision) per class from a [true, predicted] confusion matrix; 0.0 where a class is absent."""
+    m = confusion.to(torch.float64)
+    hits = m.diagonal()
+    return (hits / m.sum(1).clamp(min=1)).tolist(), (hits / m.sum(0).clamp(min=1)).tolist()
+
+
+def confident_mistakes(probabilities: torch.Tensor, labels: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(index, predicted, confidence) of every misclassified image, the most confident mistake first."""
+    confidence, predicted = probabilities.max(1)
+    index = (predicted != labels).nonzero().flatten()
+    order = confidence[index].argsort(descending=True, stable=True)
+    index = index[order]
+    return index, predicted[index], confidence[index]
+
+
+@torch.inference_mode()
+def penultimate_features(model: nn.Module, split: Split, index: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """The input of the model's last linear layer (what it classifies), for any registry network, on CPU."""
+    last = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+    captured: list[torch.Tensor] = []
+    hook = last.register_forward_hook(lambda module, inputs, output: captured.append(inputs[0].float().cpu()))
+    was_training = model.training
+    try:
+        model.eval()
+        for chunk in index.split(batch_size):
+            model(split.batch(chunk)[0])
+    finally:
+        hook.remove()
+        model.train(was_training)
+    return torch.cat(captured) if captured else torch.zeros(0, last.in_features)
 
 
 def epoch_line(record: dict[str, float], epochs: int) -> str:

@@ -1,47 +1,77 @@
-"""TensorBoard for rank 0: scalars, a prediction grid, a confusion matrix, the graph and hparams.
+"""TensorBoard for rank 0: scalars, image galleries, a confusion matrix, PR curves, the projector, hparams.
 
-Other ranks get a NullLogger, so the training loop never asks which rank it is on.
+Other ranks get a NullLogger, so the training loop never asks which rank it is on. What to show is
+decided in report.py; this module only knows how to draw and write it.
 """
 from __future__ import annotations
 
+import re
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from .dist import DistEnv
+from .files import atomic_write
+
+RIGHT, WRONG = (0, 130, 0), (210, 0, 0)
 
 
 class NullLogger:
-    def scalar(self, tag: str, value: float, step: int) -> None: ...
-    def predictions(self, images: torch.Tensor, predicted: torch.Tensor, true: torch.Tensor,
-                    classes: Sequence[str], step: int) -> None: ...
-    def confusion(self, matrix: torch.Tensor, classes: Sequence[str], step: int) -> None: ...
+    def scalar(self, tag: str, value: float, step: int | None = None) -> None: ...
+    def image(self, tag: str, image: np.ndarray, step: int) -> None: ...
+    def text(self, tag: str, markdown: str, step: int) -> None: ...
+    def pr_curve(self, tag: str, is_class: torch.Tensor, probability: torch.Tensor, step: int) -> None: ...
+    def layout(self, charts: dict[str, list[str]]) -> None: ...
+    def projector(self, features: torch.Tensor, metadata: list[list[str]], header: Sequence[str],
+                  images: torch.Tensor) -> None: ...
     def graph(self, model: torch.nn.Module, example: torch.Tensor) -> None: ...
-    def hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None: ...
+    def hparams(self, hparams: dict[str, Any], metric_tags: Sequence[str]) -> None: ...
     def close(self) -> None: ...
 
 
 class TensorBoardLogger(NullLogger):
     def __init__(self, log_dir: Path, purge_step: int | None = None) -> None:
         from torch.utils.tensorboard import SummaryWriter  # deferred: pulls in tensorboard
+        self.log_dir = log_dir
         # purge_step drops events a crashed run wrote past its last checkpoint, so steps never rewind.
         self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
 
-    def scalar(self, tag: str, value: float, step: int) -> None:
+    def scalar(self, tag: str, value: float, step: int | None = None) -> None:
         self.writer.add_scalar(tag, value, step)
 
-    def predictions(self, images: torch.Tensor, predicted: torch.Tensor, true: torch.Tensor,
-                    classes: Sequence[str], step: int) -> None:
-        grid = prediction_grid(images, predicted.tolist(), true.tolist(), classes)
-        self.writer.add_image("test/predictions", grid, step, dataformats="HWC")
+    def image(self, tag: str, image: np.ndarray, step: int) -> None:
+        self.writer.add_image(tag, image, step, dataformats="HWC")
 
-    def confusion(self, matrix: torch.Tensor, classes: Sequence[str], step: int) -> None:
-        self.writer.add_image("test/confusion_matrix", confusion_image(matrix, classes), step,
-                              dataformats="HWC")
+    def text(self, tag: str, markdown: str, step: int) -> None:
+        self.writer.add_text(tag, markdown, step)
+
+    def pr_curve(self, tag: str, is_class: torch.Tensor, probability: torch.Tensor, step: int) -> None:
+        self.writer.add_pr_curve(tag, is_class.numpy(), probability.numpy(), step)
+
+    def layout(self, charts: dict[str, list[str]]) -> None:
+        """Custom Scalars tab: one chart per name, one line per tag matching its regexes."""
+        self.writer.add_custom_scalars({"per class (test set)": {name: ["Multiline", regexes]
+                                                                 for name, regexes in charts.items()}})
+
+    def projector(self, features: torch.Tensor, metadata: list[list[str]], header: Sequence[str],
+                  images: torch.Tensor) -> None:
+        """The Projector tab's files, each written atomically (SummaryWriter.add_embedding writes in place)."""
+        folder = self.log_dir / "projector"
+        folder.mkdir(exist_ok=True)
+        rows = "\n".join("\t".join(f"{v:.5g}" for v in row) for row in features.tolist())
+        write_bytes(folder / "tensors.tsv", (rows + "\n").encode())
+        lines = ["\t".join(header)] + ["\t".join(clean_cell(c) for c in row) for row in metadata]
+        write_bytes(folder / "metadata.tsv", ("\n".join(lines) + "\n").encode())
+        write_bytes(folder / "sprite.png", png_bytes(sprite(images)))
+        height, width = images.shape[-2:]
+        config = ('embeddings {\n  tensor_name: "test_features"\n  tensor_path: "projector/tensors.tsv"\n'
+                  '  metadata_path: "projector/metadata.tsv"\n  sprite {\n    image_path: "projector/sprite.png"\n'
+                  f'    single_image_dim: {width}\n    single_image_dim: {height}\n  }}\n}}\n')
+        write_bytes(self.log_dir / "projector_config.pbtxt", config.encode())
 
     def graph(self, model: torch.nn.Module, example: torch.Tensor) -> None:
         try:
@@ -51,14 +81,16 @@ class TensorBoardLogger(NullLogger):
         except Exception as e:  # the graph is a nicety; never fail a run over it
             print(f"warning: model graph not written to TensorBoard ({type(e).__name__}: {e})")
 
-    def hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None:
+    def hparams(self, hparams: dict[str, Any], metric_tags: Sequence[str]) -> None:
+        """The HParams tab's row for this run. Its metric columns read the last value of existing scalar
+        curves, so no lone-point scalars clutter the Time Series tab."""
         from torch.utils.tensorboard.summary import hparams as hparams_summary
+        # Booleans as words: the HParams table would show True as 1.0000.
+        clean = {k: v if isinstance(v, (int, float, str)) and not isinstance(v, bool) else str(v).lower()
+                 for k, v in hparams.items()}
         # Written into this run's own event file (add_hparams would start a separate sub-run).
-        clean = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in hparams.items()}
-        for summary in hparams_summary(clean, metrics):
+        for summary in hparams_summary(clean, dict.fromkeys(metric_tags, 0.0)):
             self.writer.file_writer.add_summary(summary)
-        for tag, value in metrics.items():
-            self.writer.add_scalar(tag, value)
 
     def close(self) -> None:
         self.writer.close()
@@ -68,38 +100,90 @@ def open_logger(env: DistEnv, log_dir: Path, purge_step: int | None = None) -> N
     return TensorBoardLogger(log_dir, purge_step) if env.is_main else NullLogger()
 
 
-def prediction_grid(images: torch.Tensor, predicted: Sequence[int], true: Sequence[int],
-                    classes: Sequence[str], columns: int = 8, scale: int = 2) -> np.ndarray:
-    """Images uint8 [N, 28, 28] as an RGB grid, each captioned 'pred/true', green when right, red when wrong."""
-    cell_w, caption = 28 * scale + 8, 12
-    cell_h = 28 * scale + caption + 4
-    rows = -(-len(images) // columns)
-    canvas = Image.new("RGB", (columns * cell_w, rows * cell_h), "white")
+def tag_name(text: str) -> str:
+    """A class name as a TensorBoard tag component ('T-shirt/top' -> 'T-shirt_top')."""
+    return re.sub(r"[^\w.\-]", "_", text)
+
+
+def clean_cell(text: str) -> str:
+    return re.sub(r"[\t\n\r]", " ", text)
+
+
+def font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError, ImportError):  # Pillow without FreeType: the small bitmap font
+        return ImageFont.load_default()
+
+
+def tile_grid(images: torch.Tensor, captions: Sequence[str], wrong: Sequence[bool], columns: int = 4,
+              scale: int = 3, font_size: int = 22) -> np.ndarray:
+    """uint8 [N, H, W] images as an RGB grid, each captioned below; wrong ones framed and captioned in red."""
+    height, width = images.shape[-2:]
+    face = font(font_size)
+    cell_w = max(width * scale, max((int(face.getlength(c)) for c in captions), default=0)) + 10
+    cell_h = height * scale + font_size + 12
+    rows = max(1, -(-len(images) // columns))
+    canvas = Image.new("RGB", (min(columns, max(1, len(images))) * cell_w, rows * cell_h), "white")
     draw = ImageDraw.Draw(canvas)
     for i, img in enumerate(images.cpu().numpy()):
-        x, y = (i % columns) * cell_w + 4, (i // columns) * cell_h + 2
-        tile = Image.fromarray(img, mode="L").resize((28 * scale, 28 * scale), Image.NEAREST)
+        x, y = (i % columns) * cell_w + 5, (i // columns) * cell_h + 4
+        tile = Image.fromarray(img, mode="L").resize((width * scale, height * scale), Image.NEAREST)
         canvas.paste(tile.convert("RGB"), (x, y))
-        colour = (0, 140, 0) if predicted[i] == true[i] else (210, 0, 0)
-        draw.text((x, y + 28 * scale + 1), f"{classes[predicted[i]]}/{classes[true[i]]}", fill=colour)
+        colour = WRONG if wrong[i] else RIGHT
+        if wrong[i]:
+            draw.rectangle((x - 3, y - 3, x + width * scale + 2, y + height * scale + 2), outline=colour, width=3)
+        draw.text((x, y + height * scale + 4), captions[i], fill=colour, font=face)
     return np.asarray(canvas)
 
 
-def confusion_image(matrix: torch.Tensor, classes: Sequence[str], cell: int = 36) -> np.ndarray:
+def note_image(text: str, font_size: int = 22) -> np.ndarray:
+    """A line of text as a picture, where an image tag has nothing to show this time."""
+    face = font(font_size)
+    canvas = Image.new("RGB", (int(face.getlength(text)) + 20, font_size + 20), "white")
+    ImageDraw.Draw(canvas).text((10, 10), text, fill=RIGHT, font=face)
+    return np.asarray(canvas)
+
+
+def confusion_image(matrix: torch.Tensor, classes: Sequence[str], cell: int = 44) -> np.ndarray:
     """Rows are true classes, columns predicted; shade by row-normalised count, counts written in."""
     n = len(classes)
-    margin = 28
+    margin = 56
+    face = font(16)
     canvas = Image.new("RGB", (margin + n * cell, margin + n * cell), "white")
     draw = ImageDraw.Draw(canvas)
     m = matrix.to(torch.float64)
     share = (m / m.sum(1, keepdim=True).clamp(min=1)).numpy()
     for t in range(n):
-        draw.text((4, margin + t * cell + cell // 3), classes[t][:4], fill="black")
-        draw.text((margin + t * cell + 4, 8), classes[t][:4], fill="black")
+        draw.text((4, margin + t * cell + cell // 3), classes[t][:5], fill="black", font=face)
+        draw.text((margin + t * cell + 4, 20), classes[t][:5], fill="black", font=face)
         for p in range(n):
             shade = int(255 * (1 - share[t, p]))
             box = (margin + p * cell, margin + t * cell, margin + (p + 1) * cell - 1, margin + (t + 1) * cell - 1)
             draw.rectangle(box, fill=(shade, shade, 255))
-            draw.text((box[0] + 3, box[1] + cell // 3), str(int(matrix[t, p])),
-                      fill="white" if shade < 128 else "black")
+            draw.text((box[0] + 4, box[1] + cell // 3), str(int(matrix[t, p])),
+                      fill="white" if shade < 128 else "black", font=face)
+    draw.text((margin, 2), "predicted", fill="black", font=face)
     return np.asarray(canvas)
+
+
+def sprite(images: torch.Tensor) -> np.ndarray:
+    """The projector's sprite: uint8 [N, H, W] thumbnails in a square grid, row-major."""
+    n, height, width = images.shape
+    side = max(1, int(np.ceil(np.sqrt(n))))
+    sheet = np.zeros((side * height, side * width), dtype=np.uint8)
+    for i, img in enumerate(images.cpu().numpy()):
+        r, c = divmod(i, side)
+        sheet[r * height:(r + 1) * height, c * width:(c + 1) * width] = img
+    return sheet
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    atomic_write(path, lambda tmp: tmp.write_bytes(data))
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    from io import BytesIO
+    buffer = BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()

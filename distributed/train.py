@@ -273,16 +273,16 @@ class Trainer:
         return (f"stopped by signal {self.stop.signal} at epoch {self.run.epoch + (self.run.batch_in_epoch > 0)}, "
                 f"step {self.run.step}; checkpoint saved in {self.ckpt_dir}: run the same command again to resume")
 
-    def score(self, split: Split, shard: torch.Tensor) -> EvalResult:
+    def score(self, split: Split, shard: torch.Tensor, keep_probabilities: bool = False) -> EvalResult:
         return evaluate(self.model, split, shard, self.cfg.eval_batch_size, self.task.num_classes,
-                        self.dtype, self.env)
+                        self.dtype, self.env, keep_probabilities)
 
     def score_all(self) -> tuple[EvalResult, EvalResult | None]:
         """(test, val); val is None when --val-size is 0. Every rank scores rank 0's BatchNorm statistics."""
         with self.phases("evaluation"):
             dist.sync_buffers(self.model, self.env)
             val = self.score(self.val, self.val_shard) if len(self.val) else None
-            return self.score(self.test, self.test_shard), val
+            return self.score(self.test, self.test_shard, keep_probabilities=True), val
 
     def end_epoch(self, test: EvalResult, val: EvalResult | None) -> None:
         run = self.run
@@ -295,14 +295,14 @@ class Trainer:
                        "test_loss": test.loss, "test_accuracy": test.accuracy,
                        "images_per_second": images_seen(self.sampler, self.cfg.batch_size, run.batch_in_epoch)
                        / max(run.epoch_seconds, 1e-9),
-                       "epoch_seconds": run.epoch_seconds}
+                       "epoch_seconds": run.epoch_seconds, "train_seconds": run.train_seconds}
         if val is not None:
             self.record.update(val_loss=val.loss, val_accuracy=val.accuracy)
         run.history.append(self.record)
         run.batch_in_epoch, run.epoch_loss_sum, run.epoch_seconds = 0, 0.0, 0.0
         self.save_checkpoint(best=is_best)
         with self.phases("checkpoints/logging"):
-            self.report.epoch(self.record, test, self.model, self.test)
+            self.report.epoch(self.record, test, self.test)
 
     def finish(self, test: EvalResult, val: EvalResult | None) -> dict[str, Any]:
         with self.phases("checkpoints/logging"):
@@ -310,7 +310,7 @@ class Trainer:
             amp = str(self.dtype or "off").replace("torch.", "")
             metrics = final_metrics(self.cfg, self.env, self.task, self.run, amp, test, val, fingerprints,
                                     self.phases.snapshot())
-            self.report.finished(metrics)
+            self.report.finished(metrics, test, self.model, self.test)
             return metrics
 
 

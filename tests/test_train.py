@@ -11,6 +11,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from conftest import final_weights
 from distributed import checkpoint, dist
 from distributed.config import SEED_RECIPE, parse_args
+from distributed.timing import PHASES
 from distributed.train import fit, main
 
 REQUIRED_METRICS = {"test_accuracy", "test_loss", "val_accuracy", "epochs", "world_size",
@@ -41,6 +42,14 @@ def test_metrics_json(run_dir: Path) -> None:
     assert json.loads((run_dir / "config.json").read_text())["epochs"] == 2
 
 
+def test_phase_breakdown_covers_the_run(run_dir: Path) -> None:
+    phases = json.loads((run_dir / "metrics.json").read_text())["phase_seconds"]
+    train_seconds = json.loads((run_dir / "metrics.json").read_text())["train_seconds"]
+    assert list(phases) == list(PHASES) and all(v > 0 for v in phases.values())
+    # the training phase holds every training step, and little else (the per-step logging)
+    assert train_seconds <= phases["training"] + 0.01 <= train_seconds * 1.5 + 0.5
+
+
 def test_checkpoints_load_with_weights_only(run_dir: Path) -> None:
     for name in ("last.pt", "best.pt"):
         state = torch.load(run_dir / "checkpoints" / name, weights_only=True)
@@ -54,7 +63,7 @@ def test_tensorboard_event_file(run_dir: Path) -> None:
     acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "images": 0}).Reload()
     tags = acc.Tags()
     for tag in ("train/loss", "train/lr", "test/loss", "test/accuracy", "val/accuracy",
-                "perf/images_per_second", "perf/epoch_seconds", "hparam/test_accuracy"):
+                "perf/images_per_second", "perf/epoch_seconds", "perf/train_seconds"):
         assert tag in tags["scalars"], tag
     assert {"test/predictions", "test/confusion_matrix"} <= set(tags["images"])
     assert tags["graph"]
