@@ -21,7 +21,7 @@ DEFAULT_MODEL = {"digits": "fastnet", "binary": "fastnet"}
 # (a new --epochs or --batch-size re-fits the schedule). Any other difference makes the resumed run
 # another experiment (a new --seed or --val-size would even move validation images into training).
 MAY_CHANGE_ON_RESUME = ("epochs", "batch_size", "data_dir", "run_dir", "device", "eval_batch_size", "log_every",
-                        "checkpoint_every_steps", "resume")
+                        "checkpoint_every_steps", "compile", "resume")
 
 
 def number_in(kind: type, low: float, high: float = math.inf, high_open: bool = False,
@@ -76,6 +76,8 @@ class TrainConfig:
     channels_last: bool = _opt(True, "keep conv weights in channels-last layout (2-3x faster on CPU via oneDNN, "
                                      "and on CUDA tensor cores)", action=argparse.BooleanOptionalAction)
     device: str = _opt("auto", "auto: CUDA when available, else CPU (gloo)", choices=["auto", "cuda", "cpu"])
+    compile: bool = _opt(False, "torch.compile the model for training (compile time is paid at the first steps; "
+                                "see docs/PERFORMANCE.md for when it wins)", action=argparse.BooleanOptionalAction)
     eval_batch_size: int = _opt(2000, "batch size for validation and test evaluation", type=POSITIVE_INT)
     overfit_batches: int = _opt(0, "debug: train and evaluate on the first N batches only (loss should go to ~0)",
                                 type=NON_NEGATIVE_INT)

@@ -124,8 +124,11 @@ class Trainer:
         self.run = RunState()
         self.record: dict[str, float] = {}
         refitted = state is not None and self.load_state_dict(state, self.ckpt_dir / "last.pt")
-        self.net: nn.Module = self.model if env.world_size == 1 else \
-            DDP(self.model, device_ids=[env.device] if env.device.type == "cuda" else None)
+        # The training forward may be compiled; self.model stays the plain module that checkpoints, evaluation
+        # and export use (nanoGPT's order: compile, then wrap in DDP).
+        net = torch.compile(self.model) if cfg.compile else self.model
+        self.net: nn.Module = net if env.world_size == 1 else \
+            DDP(net, device_ids=[env.device] if env.device.type == "cuda" else None)
         self.test_shard = eval_shard(len(self.test), env.rank, env.world_size, env.device)
         self.val_shard = eval_shard(len(self.val), env.rank, env.world_size, env.device)
 

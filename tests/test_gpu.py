@@ -1,0 +1,116 @@
+"""The CUDA path: NCCL under torchrun, bf16/fp16 autocast with the scaler through a resume, torch.compile,
+CUDA checkpoints served on the CPU, ONNX Runtime's CUDA provider, and the "more ranks than GPUs" error.
+
+Every test here is marked gpu and skipped without CUDA (CI has none); they are written to run unchanged
+the first time a GPU is there: `pytest -m gpu`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, torchrun
+
+pytestmark = pytest.mark.gpu
+
+
+def train_args(data: Path, run_dir: Path, *extra: str) -> list[str]:
+    return ["--data-dir", str(data), "--run-dir", str(run_dir), "--val-size", "64", "--epochs", "2",
+            "--device", "cuda", *extra]
+
+
+def run(cmd: list[str], **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, **env})
+
+
+def metrics(run_dir: Path) -> dict:
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+def test_one_gpu_torchrun_nccl(synthetic_data, tmp_path: Path) -> None:
+    proc = run(torchrun(1, *train_args(synthetic_data, tmp_path)))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = metrics(tmp_path)
+    assert m["device"] == "cuda" and m["world_size"] == 1 and m["test_accuracy"] > 0.5
+    # --amp auto on CUDA: bf16 where supported
+    assert m["amp"] == ("bfloat16" if torch.cuda.is_bf16_supported() else "float16")
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_amp_scaler_state_survives_a_resume(amp: str, synthetic_data, tmp_path: Path) -> None:
+    from distributed import checkpoint, dist
+    from distributed.config import parse_args
+    from distributed.timing import Phases
+    from distributed.train import StopRequest, Trainer, fit
+
+    cfg = parse_args(train_args(synthetic_data, tmp_path, "--amp", amp))
+    env = dist.setup("cuda")
+    fit(cfg, env, stop_after_epoch=1)
+    saved = checkpoint.load(tmp_path / "checkpoints" / "last.pt")
+    trainer = Trainer(cfg, env, StopRequest(), Phases())  # what a restarted worker builds
+    try:
+        assert trainer.scaler.is_enabled() == (amp == "fp16")  # bf16 needs no loss scaling
+        if amp == "fp16":
+            assert saved["scaler"]["scale"] > 0
+            assert trainer.scaler.get_scale() == saved["scaler"]["scale"]
+            assert trainer.scaler.state_dict()["_growth_tracker"] == saved["scaler"]["_growth_tracker"]
+        else:
+            assert saved["scaler"] == {}
+        m = trainer.fit()
+    finally:
+        trainer.close()
+    assert m["epochs"] == 2 and m["amp"] == {"bf16": "bfloat16", "fp16": "float16"}[amp]
+    assert m["test_accuracy"] > 0.5
+
+
+def test_compile_trains_and_checkpoints_plain_weights(synthetic_data, tmp_path: Path) -> None:
+    proc = run(torchrun(1, *train_args(synthetic_data, tmp_path, "--compile")))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert metrics(tmp_path)["test_accuracy"] > 0.5
+    weights = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["model"]
+    assert not [k for k in weights if "_orig_mod" in k]  # the compiled wrapper never reaches the checkpoint
+
+
+def test_cuda_run_exported_and_verified_on_the_cpu(synthetic_data, tmp_path: Path) -> None:
+    proc = run(torchrun(1, *train_args(synthetic_data, tmp_path / "run")))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert torch.load(tmp_path / "run" / "checkpoints" / "best.pt", weights_only=True)["model"]["0.weight"].is_cuda
+    cpu_only = {"CUDA_VISIBLE_DEVICES": ""}
+    proc = run([sys.executable, "-m", "export", "--run-dir", str(tmp_path / "run"), "--batch-sizes", "1,64"],
+               **cpu_only)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run([sys.executable, "-m", "export", "--verify", str(tmp_path / "run" / "export")], **cpu_only)
+    assert proc.returncode == 0 and "verified" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_serve_cli_on_the_onnxruntime_cuda_provider(synthetic_data, tmp_path: Path) -> None:
+    ort = pytest.importorskip("onnxruntime")
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("onnxruntime here has no CUDA provider (pip install onnxruntime-gpu)")
+    import numpy as np
+    from PIL import Image
+    proc = run(torchrun(1, *train_args(synthetic_data, tmp_path / "run")))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert run([sys.executable, "-m", "export", "--run-dir", str(tmp_path / "run")]).returncode == 0
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(4):
+        Image.fromarray(np.full((28, 28), 40 * i, dtype=np.uint8)).save(images / f"{i}.png")
+    proc = run([sys.executable, "-m", "serve_cli", "predict", str(images), "--model", str(tmp_path / "run" / "export"),
+                "--runtime", "onnxruntime"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "CUDAExecutionProvider" in proc.stderr + proc.stdout
+
+
+def test_more_ranks_than_gpus_is_one_line(synthetic_data, tmp_path: Path) -> None:
+    proc = run(torchrun(torch.cuda.device_count() + 1, *train_args(synthetic_data, tmp_path)))
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors and f"only {torch.cuda.device_count()} GPU(s) visible" in errors[0]
+    assert "LaunchError" not in proc.stderr  # no worker traceback: the exception class would be in it
