@@ -105,16 +105,42 @@ def check_idx(path: Path, ndim: int) -> None:
         raise DataError(f"{path} is damaged ({path.stat().st_size} bytes, its header says {expected}): {fix}")
 
 
-def read_mnist(root: str | Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Digits of one split as CPU tensors (uint8 images, int64 digits); downloads when absent."""
-    from torchvision.datasets import MNIST  # deferred: torchvision costs ~2 s to import
+def read_idx(path: Path, ndim: int) -> torch.Tensor:
+    """A checked IDX file (check_idx) as a uint8 tensor shaped as its header says."""
+    data = bytearray(path.read_bytes())  # writable, so torch.frombuffer shares it without a warning
+    header = 4 + 4 * ndim
+    shape = [int.from_bytes(data[i:i + 4], "big") for i in range(4, header, 4)]
+    return torch.frombuffer(data, dtype=torch.uint8, offset=header).view(shape)
 
+
+def read_mnist(root: str | Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Digits of one split as CPU tensors (uint8 images, int64 digits); downloads when absent.
+
+    Once torchvision has extracted the IDX files, they are read directly: they are already the decoded
+    uint8 tensors, checked by check_idx, and importing torchvision would cost ~2 s per process."""
     raw = Path(root) / "MNIST" / "raw"
     prefix = "train" if train else "t10k"
     images_file, labels_file = raw / f"{prefix}-images-idx3-ubyte", raw / f"{prefix}-labels-idx1-ubyte"
     for path, ndim in ((images_file, 3), (labels_file, 1)):
         if path.is_file():
             check_idx(path, ndim)
+    if images_file.is_file() and labels_file.is_file():
+        images, digits = read_idx(images_file, 3), read_idx(labels_file, 1).long()
+    else:
+        images, digits = download_mnist(root, train)
+    if len(images) != len(digits):
+        raise DataError(f"{images_file} holds {len(images)} images but {labels_file} {len(digits)} labels: "
+                        f"replace both with good copies")
+    if len(digits) and not 0 <= int(digits.min()) <= int(digits.max()) <= 9:
+        raise DataError(f"{labels_file} has labels outside 0-9: replace it with a good copy")
+    return images, digits
+
+
+def download_mnist(root: str | Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """torchvision's MNIST: finds (md5-checked) or downloads the .gz files and extracts them into raw/."""
+    from torchvision.datasets import MNIST  # deferred: only the first run of a --data-dir needs it
+
+    raw = Path(root) / "MNIST" / "raw"
     try:
         ds = MNIST(root=str(root), train=train, download=True)
     except PermissionError as e:
@@ -124,11 +150,6 @@ def read_mnist(root: str | Path, train: bool) -> tuple[torch.Tensor, torch.Tenso
         raise DataError(
             f"MNIST not found in {raw} and the download failed ({type(e).__name__}): "
             f"put {', '.join(MNIST_FILES)} in {raw}/ or allow network access") from None
-    if len(ds.data) != len(ds.targets):
-        raise DataError(f"{images_file} holds {len(ds.data)} images but {labels_file} {len(ds.targets)} labels: "
-                        f"replace both with good copies")
-    if len(ds.targets) and not 0 <= int(ds.targets.min()) <= int(ds.targets.max()) <= 9:
-        raise DataError(f"{labels_file} has labels outside 0-9: replace it with a good copy")
     return ds.data, ds.targets.long()
 
 

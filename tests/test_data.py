@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from conftest import ROOT
 from distributed.data import (MEAN, STD, TASKS, DataError, eval_shard, epoch_batches, load_splits, make_sampler,
                               normalize, read_mnist, steps_per_epoch, to_unit)
 
@@ -98,3 +99,18 @@ def test_augmented_batches_are_normalised_like_plain_ones() -> None:
     padding = (augmented - (-MEAN / STD)).abs() < 1e-5  # pixels moved in from outside the image
     assert padding.any() and padding.float().mean() < 0.5
     assert augmented.max() <= plain.max() + 1e-5
+
+
+def test_extracted_files_are_read_as_torchvision_reads_them_without_importing_it(synthetic_data) -> None:
+    import subprocess
+    import sys
+
+    from torchvision.datasets import MNIST
+    for train in (True, False):
+        images, digits = read_mnist(synthetic_data, train)
+        ds = MNIST(str(synthetic_data), train=train, download=True)
+        assert images.dtype == torch.uint8 and torch.equal(images, ds.data) and torch.equal(digits, ds.targets)
+    # torchvision costs ~2 s per process to import: the hot path must not pay it
+    code = (f"import sys; from distributed.data import read_mnist; read_mnist({str(synthetic_data)!r}, True); "
+            f"sys.exit('torchvision' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
