@@ -8,6 +8,7 @@ RUN_DIR/checkpoints/last.pt and carries on from it.
 from __future__ import annotations
 
 import itertools
+import os
 import signal
 import sys
 import time
@@ -361,5 +362,15 @@ def fail(message: str, code: int, env: dist.DistEnv | None) -> int:
     return code
 
 
+def exit_now(code: int) -> None:
+    """Leave without the interpreter's teardown of torch's modules: 0.8-1.2 s here, after the run is over.
+
+    Everything a user relies on is already on disk (atomic writes, fsynced), the TensorBoard writer is
+    closed and the process group destroyed; only stdout/stderr need a flush."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())
