@@ -346,6 +346,13 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # a full disk or a vanished folder while writing: the last checkpoint is intact
         where = f"{e.filename}: " if e.filename else ""
         return fail(f"error: {where}{e.strerror or e}; earlier checkpoints are kept", 1, env)
+    except Exception as e:
+        if not (cfg.compile and type(e).__module__.startswith(("torch._dynamo", "torch._inductor"))):
+            raise
+        # The environment, not the run: inductor needs a C++ compiler on the CPU and Triton on CUDA.
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        return fail(f"error: --compile failed ({reason}); run without --compile, or install what "
+                    f"torch.compile needs (a C++ compiler for the CPU, Triton for CUDA)", 1, env)
     finally:
         dist.teardown(peers_in_step=together)
         for signum, handler in previous.items():

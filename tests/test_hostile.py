@@ -371,3 +371,12 @@ def test_metrics_count_the_work_of_a_stopped_and_resumed_run(synthetic_data, tmp
     assert metrics["train_seconds"] > stopped["train_seconds"]
     whole = metrics["history"][0]
     assert whole["step"] == 36 and np.isfinite(whole["train_loss"]) and whole["train_loss"] > 0
+
+
+def test_compile_without_a_compiler_is_one_line(synthetic_data: Path, tmp_path: Path) -> None:
+    # inductor needs a C++ compiler on the CPU: a machine without one gets the fix, not dynamo's traceback
+    proc = run("-m", "distributed.train", *train_args(synthetic_data, tmp_path / "run"), "--overfit-batches", "1",
+               "--compile", timeout=300,
+               env={**os.environ, "CXX": str(tmp_path / "no-such-g++")})
+    assert proc.returncode == 1
+    one_error_line(proc.stderr, "--compile failed", "run without --compile")
