@@ -17,7 +17,7 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 
 from conftest import ROOT, final_weights, torchrun
 from distributed.data import TASKS, load_splits
-from distributed.models import build_model
+from distributed.models import MODELS, build_model
 from distributed.train import main
 
 ALL = {"scalars": 0, "images": 0, "tensors": 0}
@@ -170,3 +170,17 @@ def test_zero_mistakes_and_no_validation(synthetic_data, tmp_path: Path) -> None
     experiment = plugin_data_pb2.HParamsPluginData.FromString(
         acc.SummaryMetadata("_hparams_/experiment").plugin_data.content).experiment
     assert [m.name.tag for m in experiment.metric_infos] == ["test/accuracy", "test/loss", "perf/train_seconds"]
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_projector_features_for_every_registry_model(name: str) -> None:
+    from distributed.data import Split
+    from distributed.report import penultimate_features
+    model = build_model(name, 10)
+    last = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+    split = Split(torch.randint(0, 256, (7, 28, 28), dtype=torch.uint8), torch.arange(7) % 10)
+    features = penultimate_features(model.train(), split, torch.arange(7), batch_size=3)
+    assert features.shape == (7, last.in_features) and model.training  # the train/eval mode is restored
+    with torch.inference_mode():  # the features are what the last layer classifies, in eval mode
+        logits = model.eval()(split.batch(torch.arange(7))[0])
+        assert torch.allclose(logits, last(features), atol=1e-5)
