@@ -8,6 +8,8 @@ Schema (version 2), a plain dict of tensors and plain values:
   scaler      GradScaler state_dict
   config      TrainConfig as a dict (the flags of the run)
   classes     class names in output order
+  normalization  {mean, std} the network's inputs were normalised with (its dataset's; absent before
+              --dataset: MNIST's 0.1307 / 0.3081)
   world_size  how many ranks wrote it
   rng         one {cpu[, cuda]} RNG state per rank
   run         RunState as a dict: epoch (completed), step, batch_in_epoch, the work done so far, history
@@ -83,7 +85,9 @@ def resume_state(cfg: TrainConfig, last: Path) -> dict[str, Any] | None:
 def summary(state: dict[str, Any]) -> dict[str, Any]:
     """What a loaded checkpoint says about the network it holds, for export."""
     config = state["config"]
+    norm = state.get("normalization") or {"mean": 0.1307, "std": 0.3081}
     return {"name": config.get("model"), "task": config.get("task"), "classes": state.get("classes"),
+            "dataset": config.get("dataset", "mnist"), "mean": float(norm["mean"]), "std": float(norm["std"]),
             "epoch": state["run"].get("epoch"), "metrics": state.get("metrics") or {},
             "data_dir": config.get("data_dir")}
 

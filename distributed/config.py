@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from .data import DATASETS, MNIST_ONLY_TASKS
 from .models import MODELS
 
 # The recipe of the source documents: torchvision MNIST, batch 64, SGD(lr=0.01, momentum=0.5).
@@ -53,9 +54,13 @@ def _opt(default: Any, help: str, **kwargs: Any) -> Any:
 
 @dataclass
 class TrainConfig:
-    task: str = _opt("digits", "digits: 10 classes; binary: 0-4 vs 5-9", choices=["digits", "binary"])
+    dataset: str = _opt("mnist", "MNIST-format dataset (torchvision's; downloaded into --data-dir on first use)",
+                        choices=list(DATASETS))
+    task: str | None = _opt(None, "MNIST only: digits (10 classes, the default) or binary (0-4 vs 5-9); other "
+                                  "datasets learn their own classes", choices=list(MNIST_ONLY_TASKS))
     model: str | None = _opt(None, "network from the registry (default: fastest for the task)")
-    data_dir: str = _opt("data", "MNIST root; the four files go in DATA_DIR/MNIST/raw/ (downloaded if absent)")
+    data_dir: str = _opt("data", "dataset root; the four IDX files go in DATA_DIR/MNIST/raw/ (FashionMNIST/raw/, "
+                                 "KMNIST/raw/ for the others; downloaded if absent)")
     run_dir: str | None = _opt(None, "where checkpoints, TensorBoard events and metrics go (default: runs/TASK)")
     epochs: int = _opt(2, "number of passes over the training split", type=POSITIVE_INT)
     batch_size: int = _opt(64, "batch size PER RANK (global batch = this x world size)", type=POSITIVE_INT)
@@ -90,8 +95,10 @@ class TrainConfig:
                                action=argparse.BooleanOptionalAction)
 
     def __post_init__(self) -> None:
+        if self.task is None:
+            self.task = "digits" if self.dataset == "mnist" else self.dataset
         if self.model is None:
-            self.model = DEFAULT_MODEL[self.task]
+            self.model = DEFAULT_MODEL.get(self.task, "fastnet")
         if self.run_dir is None:
             self.run_dir = str(Path("runs") / self.task)
 
@@ -100,8 +107,11 @@ class TrainConfig:
 
     def resume_conflicts(self, saved: dict[str, Any]) -> list[str]:
         """`--flag saved -> now` for each flag in which this run would be another experiment than `saved`."""
-        return [f"--{name.replace('_', '-')} {saved.get(name)} -> {value}" for name, value in self.to_dict().items()
-                if name not in MAY_CHANGE_ON_RESUME and saved.get(name) != value]
+        # A flag newer than the checkpoint had its default then (--dataset mnist before there was a choice).
+        default = {f.name: f.default for f in dataclasses.fields(self)} | {"task": "digits"}
+        return [f"--{name.replace('_', '-')} {saved.get(name, default[name])} -> {value}"
+                for name, value in self.to_dict().items()
+                if name not in MAY_CHANGE_ON_RESUME and saved.get(name, default[name]) != value]
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -137,4 +147,6 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     ns = parser.parse_args(argv)
     if ns.model is not None and ns.model not in MODELS:
         parser.error(f"unknown --model {ns.model!r}: choose one of {', '.join(MODELS)}")
+    if ns.task is not None and ns.dataset != "mnist":
+        parser.error(f"--task {ns.task} is MNIST's; leave --task out to learn {ns.dataset}'s own classes")
     return TrainConfig(**vars(ns))

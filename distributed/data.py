@@ -18,9 +18,25 @@ from .dist import DistEnv, all_ok
 if TYPE_CHECKING:
     from .config import TrainConfig
 
-MEAN, STD = 0.1307, 0.3081
+MEAN, STD = 0.1307, 0.3081  # MNIST's (what normalization_of computes for it); the default of older checkpoints
 MNIST_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
                "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """An MNIST-format dataset: torchvision's class of the same name keeps its IDX files in DATA_DIR/folder/raw/."""
+    name: str  # the --dataset value
+    folder: str  # torchvision's class name and folder
+    classes: tuple[str, ...]
+
+
+DATASETS = {d.name: d for d in (
+    Dataset("mnist", "MNIST", tuple(str(d) for d in range(10))),
+    Dataset("fashion-mnist", "FashionMNIST", ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
+                                               "Shirt", "Sneaker", "Bag", "Ankle boot")),
+    Dataset("kmnist", "KMNIST", ("o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo")),
+)}
 
 
 class DataError(RuntimeError):
@@ -45,13 +61,25 @@ TASKS = {
     "digits": Task("digits", tuple(str(d) for d in range(10)), tuple(range(10))),
     "binary": Task("binary", ("0-4", "5-9"), (0,) * 5 + (1,) * 5),
 }
+MNIST_ONLY_TASKS = ("digits", "binary")
+
+
+def task_of(dataset: str, task: str) -> Task:
+    """MNIST's tasks by name; any other dataset's task is its own classes, named after the dataset."""
+    if task in TASKS:
+        return TASKS[task]
+    ds = DATASETS[dataset]
+    return Task(ds.name, ds.classes, tuple(range(len(ds.classes))))
 
 
 @dataclass(frozen=True)
 class Split:
-    """Images as uint8 [N, 28, 28] and class labels int64 [N], both on the training device."""
+    """Images as uint8 [N, 28, 28] and class labels int64 [N], both on the training device, and the
+    normalisation the network sees them with (its dataset's)."""
     images: torch.Tensor
     labels: torch.Tensor
+    mean: float = MEAN
+    std: float = STD
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -60,10 +88,10 @@ class Split:
         x = to_unit(self.images[index])
         if augment:  # before normalising, so that the padding is the background's 0
             x = random_affine(x)
-        return normalize(x), self.labels[index]
+        return normalize(x, self.mean, self.std), self.labels[index]
 
     def subset(self, index: torch.Tensor) -> "Split":
-        return Split(self.images[index], self.labels[index])
+        return Split(self.images[index], self.labels[index], self.mean, self.std)
 
 
 def to_unit(images: torch.Tensor) -> torch.Tensor:
@@ -71,9 +99,20 @@ def to_unit(images: torch.Tensor) -> torch.Tensor:
     return images.float().div_(255.0).unsqueeze(1)
 
 
-def normalize(images: torch.Tensor) -> torch.Tensor:
-    """[0, 1] images -> MNIST mean/std normalised (what the networks see)."""
-    return (images - MEAN) / STD
+def normalize(images: torch.Tensor, mean: float = MEAN, std: float = STD) -> torch.Tensor:
+    """[0, 1] images -> mean/std normalised (what the networks see)."""
+    return (images - mean) / std
+
+
+def normalization_of(images: torch.Tensor) -> tuple[float, float]:
+    """(mean, std) of uint8 images in [0, 1] units, exact (from a histogram), rounded to 4 decimals:
+    MNIST's training images give the well-known 0.1307 and 0.3081."""
+    counts = torch.bincount(images.flatten().cpu(), minlength=256).double()
+    values = torch.arange(256, dtype=torch.float64) / 255
+    n = counts.sum().clamp(min=1)
+    mean = float((counts * values).sum() / n)
+    std = float(((counts * (values - mean) ** 2).sum() / n).sqrt())
+    return round(mean, 4), round(max(std, 1e-4), 4)
 
 
 def random_affine(x: torch.Tensor, degrees: float = 10.0, scale: float = 0.1, shift: float = 0.1) -> torch.Tensor:
@@ -113,12 +152,13 @@ def read_idx(path: Path, ndim: int) -> torch.Tensor:
     return torch.frombuffer(data, dtype=torch.uint8, offset=header).view(shape)
 
 
-def read_mnist(root: str | Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Digits of one split as CPU tensors (uint8 images, int64 digits); downloads when absent.
+def read_mnist(root: str | Path, train: bool, dataset: str = "mnist") -> tuple[torch.Tensor, torch.Tensor]:
+    """One split of an MNIST-format dataset as CPU tensors (uint8 images, int64 labels); downloads when absent.
 
     Once torchvision has extracted the IDX files, they are read directly: they are already the decoded
     uint8 tensors, checked by check_idx, and importing torchvision would cost ~2 s per process."""
-    raw = Path(root) / "MNIST" / "raw"
+    ds = DATASETS[dataset]
+    raw = Path(root) / ds.folder / "raw"
     prefix = "train" if train else "t10k"
     images_file, labels_file = raw / f"{prefix}-images-idx3-ubyte", raw / f"{prefix}-labels-idx1-ubyte"
     for path, ndim in ((images_file, 3), (labels_file, 1)):
@@ -127,43 +167,46 @@ def read_mnist(root: str | Path, train: bool) -> tuple[torch.Tensor, torch.Tenso
     if images_file.is_file() and labels_file.is_file():
         images, digits = read_idx(images_file, 3), read_idx(labels_file, 1).long()
     else:
-        images, digits = download_mnist(root, train)
+        images, digits = download_mnist(root, train, ds)
     if len(images) != len(digits):
         raise DataError(f"{images_file} holds {len(images)} images but {labels_file} {len(digits)} labels: "
                         f"replace both with good copies")
-    if len(digits) and not 0 <= int(digits.min()) <= int(digits.max()) <= 9:
-        raise DataError(f"{labels_file} has labels outside 0-9: replace it with a good copy")
+    last = len(ds.classes) - 1
+    if len(digits) and not 0 <= int(digits.min()) <= int(digits.max()) <= last:
+        raise DataError(f"{labels_file} has labels outside 0-{last}: replace it with a good copy")
     return images, digits
 
 
-def download_mnist(root: str | Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """torchvision's MNIST: finds (md5-checked) or downloads the .gz files and extracts them into raw/."""
-    from torchvision.datasets import MNIST  # deferred: only the first run of a --data-dir needs it
+def download_mnist(root: str | Path, train: bool, dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
+    """torchvision's class for the dataset: finds (md5-checked) or downloads the .gz files, extracts them."""
+    import torchvision.datasets  # deferred: only the first run of a --data-dir needs it
 
-    raw = Path(root) / "MNIST" / "raw"
+    raw = Path(root) / dataset.folder / "raw"
     try:
-        ds = MNIST(root=str(root), train=train, download=True)
+        ds = getattr(torchvision.datasets, dataset.folder)(root=str(root), train=train, download=True)
     except PermissionError as e:
-        raise DataError(f"cannot extract MNIST into {raw} ({e.strerror}): "
+        raise DataError(f"cannot extract {dataset.folder} into {raw} ({e.strerror}): "
                         f"copy the folder to a writable --data-dir") from None
     except Exception as e:  # torchvision raises bare RuntimeError/URLError when offline
         raise DataError(
-            f"MNIST not found in {raw} and the download failed ({type(e).__name__}): "
+            f"{dataset.folder} not found in {raw} and the download failed ({type(e).__name__}): "
             f"put {', '.join(MNIST_FILES)} in {raw}/ or allow network access") from None
     return ds.data, ds.targets.long()
 
 
-def load_splits(root: str | Path, task: Task, val_size: int, seed: int,
-                device: torch.device) -> tuple[Split, Split, Split]:
-    """(train, val, test) on `device`; val is a seeded slice of the training split, never the test set."""
-    train_x, train_d = read_mnist(root, train=True)
-    test_x, test_d = read_mnist(root, train=False)
+def load_splits(root: str | Path, task: Task, val_size: int, seed: int, device: torch.device,
+                dataset: str = "mnist") -> tuple[Split, Split, Split]:
+    """(train, val, test) on `device`; val is a seeded slice of the training split, never the test set.
+    All three are normalised with the statistics of the whole training split."""
+    train_x, train_d = read_mnist(root, True, dataset)
+    test_x, test_d = read_mnist(root, False, dataset)
     if not 0 <= val_size < len(train_d):
         raise DataError(f"--val-size {val_size} must be in [0, {len(train_d) - 1}]")
     perm = torch.randperm(len(train_d), generator=torch.Generator().manual_seed(seed))
     val_idx, train_idx = perm[:val_size], perm[val_size:]
-    full = Split(train_x.to(device), task.map_labels(train_d.to(device)))
-    test = Split(test_x.to(device), task.map_labels(test_d.to(device)))
+    mean, std = normalization_of(train_x)
+    full = Split(train_x.to(device), task.map_labels(train_d.to(device)), mean, std)
+    test = Split(test_x.to(device), task.map_labels(test_d.to(device)), mean, std)
     return full.subset(train_idx.to(device)), full.subset(val_idx.to(device)), test
 
 
@@ -206,13 +249,13 @@ def load_data(cfg: TrainConfig, task: Task, env: DistEnv) -> tuple[Split, Split,
     splits, error = None, None
     if env.local_rank == 0:
         try:
-            splits = load_splits(cfg.data_dir, task, cfg.val_size, cfg.seed, env.device)
+            splits = load_splits(cfg.data_dir, task, cfg.val_size, cfg.seed, env.device, cfg.dataset)
         except DataError as e:
             error = e
     if not all_ok(error is None, env):
-        raise error or DataError(f"MNIST could not be prepared in {cfg.data_dir} (see local rank 0's error)")
+        raise error or DataError(f"{cfg.dataset} could not be prepared in {cfg.data_dir} (see local rank 0's error)")
     if splits is None:
-        splits = load_splits(cfg.data_dir, task, cfg.val_size, cfg.seed, env.device)
+        splits = load_splits(cfg.data_dir, task, cfg.val_size, cfg.seed, env.device, cfg.dataset)
     train, val, test = splits
     if cfg.overfit_batches:
         # The notebook's sanity check: a model that cannot drive these few batches to ~0 loss is broken.

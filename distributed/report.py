@@ -180,7 +180,7 @@ def final_metrics(cfg: TrainConfig, env: DistEnv, task: Task, run: Any, amp: str
                   val: EvalResult | None, fingerprints: list[str], phases: dict[str, float]) -> dict[str, Any]:
     """metrics.json: the run's result and every piece of work it did, resumed attempts included."""
     return {
-        "task": cfg.task, "model": cfg.model, "classes": list(task.classes),
+        "dataset": cfg.dataset, "task": cfg.task, "model": cfg.model, "classes": list(task.classes),
         "epochs": run.epoch, "steps": run.step, "world_size": env.world_size, "device": env.device.type,
         "amp": amp,
         "test_accuracy": test.accuracy, "test_loss": test.loss, "test_count": test.count,

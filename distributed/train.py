@@ -25,8 +25,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from . import checkpoint, dist
 from .checkpoint import CheckpointError
 from .config import TrainConfig, parse_args
-from .data import (TASKS, DataError, Split, epoch_batches, eval_shard, images_seen, load_data, make_sampler,
-                   steps_per_epoch)
+from .data import (DataError, Split, epoch_batches, eval_shard, images_seen, load_data, make_sampler,
+                   steps_per_epoch, task_of)
 from .engine import EvalResult, amp_dtype, evaluate, make_scaler, synchronize, train_step
 from .files import RunDirError, lock_run_dir
 from .models import build_model, to_device
@@ -92,7 +92,7 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, env: dist.DistEnv, stop: StopRequest, phases: Phases) -> None:
         self.cfg, self.env, self.stop, self.phases = cfg, env, stop, phases
-        self.task = TASKS[cfg.task]
+        self.task = task_of(cfg.dataset, cfg.task)
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.closing = ExitStack()  # what close() undoes, also when __init__ fails half-way
@@ -156,6 +156,7 @@ class Trainer:
                 "scheduler": self.scheduler.state_dict() if self.scheduler else None,
                 "scaler": self.scaler.state_dict(), "config": self.cfg.to_dict(),
                 "classes": list(self.task.classes), "world_size": self.env.world_size, "rng": rng,
+                "normalization": {"mean": self.train.mean, "std": self.train.std},
                 "run": asdict(self.run), "metrics": self.record}
 
     def load_state_dict(self, state: dict[str, Any], path: Path) -> bool:

@@ -23,7 +23,6 @@ import torch
 
 from distributed.checkpoint import CheckpointError
 from distributed.config import NON_NEGATIVE, number_in
-from distributed.data import MEAN, STD
 from distributed.files import write_json
 
 from .formats import write_exported_program, write_onnx, write_torchscript
@@ -74,10 +73,11 @@ def build_manifest(info: dict[str, Any], checkpoint: Path, artifacts: dict[str, 
     return seal({
         "format_version": FORMAT_VERSION,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "model": {"name": info["name"], "task": info["task"], "classes": classes, "num_classes": len(classes)},
+        "model": {"name": info["name"], "dataset": info["dataset"], "task": info["task"], "classes": classes,
+                  "num_classes": len(classes)},
         "input": {"name": INPUT_NAME, "dtype": "float32", "shape": ["N", 1, 28, 28], "range": [0.0, 1.0],
                   "polarity": "MNIST: bright ink (1.0) on a dark background (0.0)",
-                  "normalization": {"mean": MEAN, "std": STD, "applied": "inside the model"}},
+                  "normalization": {"mean": info["mean"], "std": info["std"], "applied": "inside the model"}},
         "output": {"name": OUTPUT_NAME, "dtype": "float32", "shape": ["N", len(classes)],
                    "meaning": "unnormalised class scores in the order of model.classes; softmax for probabilities"},
         "artifacts": artifacts,
@@ -100,17 +100,17 @@ def write_artifacts(model: Any, files: dict[str, Path], opset: int) -> dict[str,
             "exported_program": file_entry(files["exported_program"])}
 
 
-def check_parity(model: Any, files: dict[str, Path], task: str, data_dir: str | None, batch_sizes: list[int],
-                 atol: float, failed: str) -> dict[str, Any]:
+def check_parity(model: Any, files: dict[str, Path], dataset: str, task: str, data_dir: str | None,
+                 batch_sizes: list[int], atol: float, failed: str) -> dict[str, Any]:
     """The gate: every artifact file against the eager model; prints the table, raises ParityError starting
     with `failed` when any runtime is off."""
-    images, labels, dataset = parity_set(data_dir, task)
+    images, labels, described = parity_set(data_dir, dataset, task)
     report = parity_report(eager_runtime(model), load_runtimes(files), images, labels, batch_sizes, atol)
-    print(f"parity on {dataset}, batch sizes {batch_sizes}:")
+    print(f"parity on {described}, batch sizes {batch_sizes}:")
     print(format_report(report))
     if not report["passed"]:
         raise ParityError(f"{failed}: " + "; ".join(failures(report)))
-    return {"dataset": dataset, **report}
+    return {"dataset": described, **report}
 
 
 def previous_export(out_dir: Path) -> dict[str, Any] | None:
@@ -142,7 +142,7 @@ def export_checkpoint(checkpoint: Path, out_dir: Path, data_dir: str | None, bat
     try:
         files = {kind: staging / name for kind, name in ARTIFACT_FILES.items()}
         artifacts = write_artifacts(model, files, opset)
-        parity = check_parity(model, files, info["task"], data_dir or info["data_dir"], batch_sizes, atol,
+        parity = check_parity(model, files, info["dataset"], info["task"], data_dir or info["data_dir"], batch_sizes, atol,
                               failed="parity gate failed, nothing exported")
         reference = eager_runtime(model)(probe_images(PROBE_SEED, PROBE_COUNT)).tolist()
         manifest = build_manifest(info, checkpoint, artifacts, parity, reference)
@@ -185,7 +185,7 @@ def verify(directory: Path, data_dir: str | None, batch_sizes: list[int], atol: 
     source = Path(manifest["source"]["checkpoint"])
     if source.is_file() and sha256_file(source) == manifest["source"]["sha256"]:
         model, info = load_for_export(source)
-        check_parity(model, files, manifest["model"]["task"], data_dir or info["data_dir"], batch_sizes, atol,
+        check_parity(model, files, info["dataset"], info["task"], data_dir or info["data_dir"], batch_sizes, atol,
                      failed=f"{directory}: parity gate failed")
     else:
         print(f"source checkpoint {source} not available: full parity not rerun")

@@ -3,7 +3,7 @@
 Imports no torch: serve_cli reads artifacts through this module alone.
 
 manifest.json (format_version 2):
-  model      {name, task, classes (output order), num_classes}
+  model      {name, dataset (absent before format 2 had it: mnist), task, classes (output order), num_classes}
   input      {name, dtype, shape (["N", 1, 28, 28]), range, polarity, normalization {mean, std, applied}}
   output     {name, dtype, shape (["N", C])}
   artifacts  {artifact kind: {file, bytes, sha256, ...}} for onnx, torchscript, exported_program

@@ -10,7 +10,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from distributed.data import TASKS
+from distributed.data import DATASETS, task_of
 
 from .manifest import INPUT_NAME, probe_images
 
@@ -54,16 +54,21 @@ def run_batched(runtime: Runner, images: np.ndarray, batch_size: int) -> np.ndar
     return np.concatenate([runtime(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
 
 
-def parity_set(data_dir: str | None, task: str, random_count: int = 1000) -> tuple[np.ndarray, np.ndarray | None, str]:
-    """MNIST test images in [0, 1] (with task labels) when the files are in data_dir, else seeded random images."""
-    raw = Path(data_dir) / "MNIST" / "raw" if data_dir else None
+def parity_set(data_dir: str | None, dataset: str, task: str,
+               random_count: int = 1000) -> tuple[np.ndarray, np.ndarray | None, str]:
+    """The dataset's test images in [0, 1] (with task labels) when its files are in data_dir, else seeded
+    random images."""
+    folder = DATASETS[dataset].folder
+    raw = Path(data_dir) / folder / "raw" if data_dir else None
     if raw is not None and any(raw.glob("t10k-images-idx3-ubyte*")):
         from distributed.data import read_mnist, to_unit
-        images, digits = read_mnist(data_dir, train=False)
-        labels = TASKS[task].map_labels(digits).numpy()
+        images, digits = read_mnist(data_dir, False, dataset)
+        labels = task_of(dataset, task).map_labels(digits).numpy()
         x = to_unit(images).numpy()
-        return x, labels, f"MNIST test set in {data_dir} ({len(x)} images)"
-    return probe_images(0, random_count), None, f"seeded uniform random images ({random_count}), no MNIST in {data_dir}"
+        name = "MNIST" if dataset == "mnist" else folder
+        return x, labels, f"{name} test set in {data_dir} ({len(x)} images)"
+    return (probe_images(0, random_count), None,
+            f"seeded uniform random images ({random_count}), no {folder} in {data_dir}")
 
 
 def compare(reference: np.ndarray, logits: np.ndarray, labels: np.ndarray | None) -> dict[str, Any]:

@@ -8,12 +8,12 @@ import torch
 from torch import nn
 
 from distributed import checkpoint
-from distributed.data import MEAN, STD, TASKS
+from distributed.data import DATASETS, MEAN, STD, task_of
 from distributed.models import MODELS, build_model
 
 
 class InferenceModel(nn.Module):
-    """Takes float32 [N, 1, 28, 28] in [0, 1], MNIST polarity; normalisation is baked in."""
+    """Takes float32 [N, 1, 28, 28] in [0, 1], MNIST polarity; its dataset's normalisation is baked in."""
 
     def __init__(self, net: nn.Module, mean: float = MEAN, std: float = STD) -> None:
         super().__init__()
@@ -33,12 +33,14 @@ def load_for_export(path: str | Path) -> tuple[InferenceModel, dict[str, Any]]:
     if name not in MODELS:
         raise checkpoint.CheckpointError(f"{path} names model {name!r}, which this version does not know "
                                          f"(known: {', '.join(MODELS)})")
-    if task not in TASKS:
-        raise checkpoint.CheckpointError(f"{path} names task {task!r}; known: {', '.join(TASKS)}")
-    classes = list(info["classes"] or TASKS[task].classes)
+    if info["dataset"] not in DATASETS:
+        raise checkpoint.CheckpointError(f"{path} names dataset {info['dataset']!r}; known: {', '.join(DATASETS)}")
+    if not info["classes"] and task not in ("digits", "binary"):
+        raise checkpoint.CheckpointError(f"{path} names task {task!r} and no classes: it is not one of ours")
+    classes = list(info["classes"] or task_of(info["dataset"], task).classes)
     net = build_model(name, len(classes))
     try:
         net.load_state_dict({k: v.float() for k, v in state["model"].items()})
     except (RuntimeError, AttributeError, TypeError) as e:
         raise checkpoint.CheckpointError(f"{path}: weights do not fit {name} ({str(e).splitlines()[0][:160]})") from None
-    return InferenceModel(net).eval(), {**info, "classes": classes}
+    return InferenceModel(net, info["mean"], info["std"]).eval(), {**info, "classes": classes}

@@ -216,8 +216,8 @@ def describe(directory: Path, m: dict) -> str:
     norm = inp.get("normalization", {})
     lines = [
         f"model      {directory}",
-        f"network    {model['name']} (task {model['task']}, {model['num_classes']} classes: "
-        f"{' '.join(model['classes'])})",
+        f"network    {model['name']} (dataset {model.get('dataset', 'mnist')}, task {model['task']}, "
+        f"{model['num_classes']} classes: {', '.join(model['classes'])})",
         f"input      {inp['name']} {inp['dtype']} [{', '.join(map(str, inp['shape']))}] in "
         f"[{inp['range'][0]:g}, {inp['range'][1]:g}], {inp['polarity']}; "
         f"mean {norm.get('mean')} / std {norm.get('std')} applied {norm.get('applied')}",

@@ -40,9 +40,11 @@ def write_idx(path: Path, array: np.ndarray) -> None:
         f.write(array.astype(np.uint8).tobytes())
 
 
-def write_synthetic_mnist(root: Path, n_train: int = 640, n_test: int = 200, seed: int = 0) -> Path:
-    """Uncompressed IDX files where torchvision's MNIST looks first, so it never tries to download."""
-    raw = root / "MNIST" / "raw"
+def write_synthetic_mnist(root: Path, n_train: int = 640, n_test: int = 200, seed: int = 0,
+                          folder: str = "MNIST") -> Path:
+    """Uncompressed IDX files where torchvision's MNIST (or FashionMNIST, KMNIST: `folder`) looks first, so it
+    never tries to download."""
+    raw = root / folder / "raw"
     raw.mkdir(parents=True, exist_ok=True)
     for split, n, s in (("train", n_train, seed), ("t10k", n_test, seed + 1)):
         images, labels = synthetic_digits(n, s)

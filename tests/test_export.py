@@ -44,8 +44,10 @@ def test_every_model_kind_exports_and_passes_the_gate(model: str, task: str, syn
     assert set(parity["runtimes"]) == RUNTIMES
     for result in parity["runtimes"].values():
         assert result["max_abs_diff"] <= 1e-4 and result["top1_agreement"] == 1.0
-    assert manifest["model"] == {"name": model, "task": task, "classes": list(TASKS[task].classes),
-                                 "num_classes": TASKS[task].num_classes}
+    assert manifest["model"] == {"name": model, "dataset": "mnist", "task": task,
+                                 "classes": list(TASKS[task].classes), "num_classes": TASKS[task].num_classes}
+    # a checkpoint from before --dataset (no "normalization"): MNIST's statistics are baked in
+    assert manifest["input"]["normalization"] == {"mean": 0.1307, "std": 0.3081, "applied": "inside the model"}
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.onnx", "model.pt2", "model.ts"]
     assert manifest["artifacts"]["torchscript"]["method"] == "script"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left behind
