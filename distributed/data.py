@@ -19,8 +19,6 @@ if TYPE_CHECKING:
     from .config import TrainConfig
 
 MEAN, STD = 0.1307, 0.3081  # MNIST's (what normalization_of computes for it); the default of older checkpoints
-MNIST_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
-               "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
 
 
 @dataclass(frozen=True)
@@ -29,6 +27,22 @@ class Dataset:
     name: str  # the --dataset value
     folder: str  # torchvision's class name and folder
     classes: tuple[str, ...]
+    split: str | None = None  # EMNIST's split; its images are stored transposed
+    first_label: int = 0  # EMNIST letters number a-z from 1
+
+    def file(self, train: bool, kind: str) -> str:
+        """The extracted IDX file name of the images or labels of one split."""
+        ndim = 3 if kind == "images" else 1
+        if self.split:
+            return f"emnist-{self.split}-{'train' if train else 'test'}-{kind}-idx{ndim}-ubyte"
+        return f"{'train' if train else 't10k'}-{kind}-idx{ndim}-ubyte"
+
+    def offline_files(self) -> str:
+        """What a user without network access puts in raw/."""
+        names = [self.file(t, k) for t in (True, False) for k in ("images", "labels")]
+        if self.split:
+            return ", ".join(names) + " (extracted from EMNIST's gzip.zip)"
+        return ", ".join(n + ".gz" for n in names)
 
 
 DATASETS = {d.name: d for d in (
@@ -36,6 +50,9 @@ DATASETS = {d.name: d for d in (
     Dataset("fashion-mnist", "FashionMNIST", ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
                                                "Shirt", "Sneaker", "Bag", "Ankle boot")),
     Dataset("kmnist", "KMNIST", ("o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo")),
+    Dataset("emnist-digits", "EMNIST", tuple(str(d) for d in range(10)), split="digits"),
+    # upper and lower case merged into one class per letter
+    Dataset("emnist-letters", "EMNIST", tuple("abcdefghijklmnopqrstuvwxyz"), split="letters", first_label=1),
 )}
 
 
@@ -159,8 +176,7 @@ def read_mnist(root: str | Path, train: bool, dataset: str = "mnist") -> tuple[t
     uint8 tensors, checked by check_idx, and importing torchvision would cost ~2 s per process."""
     ds = DATASETS[dataset]
     raw = Path(root) / ds.folder / "raw"
-    prefix = "train" if train else "t10k"
-    images_file, labels_file = raw / f"{prefix}-images-idx3-ubyte", raw / f"{prefix}-labels-idx1-ubyte"
+    images_file, labels_file = raw / ds.file(train, "images"), raw / ds.file(train, "labels")
     for path, ndim in ((images_file, 3), (labels_file, 1)):
         if path.is_file():
             check_idx(path, ndim)
@@ -168,12 +184,15 @@ def read_mnist(root: str | Path, train: bool, dataset: str = "mnist") -> tuple[t
         images, digits = read_idx(images_file, 3), read_idx(labels_file, 1).long()
     else:
         images, digits = download_mnist(root, train, ds)
+    if ds.split:  # EMNIST's images are stored transposed: make them upright, as users' images are
+        images, digits = images.transpose(1, 2).contiguous(), digits - ds.first_label
     if len(images) != len(digits):
         raise DataError(f"{images_file} holds {len(images)} images but {labels_file} {len(digits)} labels: "
                         f"replace both with good copies")
     last = len(ds.classes) - 1
     if len(digits) and not 0 <= int(digits.min()) <= int(digits.max()) <= last:
-        raise DataError(f"{labels_file} has labels outside 0-{last}: replace it with a good copy")
+        raise DataError(f"{labels_file} has labels outside {ds.first_label}-{last + ds.first_label}: "
+                        f"replace it with a good copy")
     return images, digits
 
 
@@ -183,14 +202,15 @@ def download_mnist(root: str | Path, train: bool, dataset: Dataset) -> tuple[tor
 
     raw = Path(root) / dataset.folder / "raw"
     try:
-        ds = getattr(torchvision.datasets, dataset.folder)(root=str(root), train=train, download=True)
+        split = {"split": dataset.split} if dataset.split else {}
+        ds = getattr(torchvision.datasets, dataset.folder)(root=str(root), train=train, download=True, **split)
     except PermissionError as e:
         raise DataError(f"cannot extract {dataset.folder} into {raw} ({e.strerror}): "
                         f"copy the folder to a writable --data-dir") from None
     except Exception as e:  # torchvision raises bare RuntimeError/URLError when offline
         raise DataError(
             f"{dataset.folder} not found in {raw} and the download failed ({type(e).__name__}): "
-            f"put {', '.join(MNIST_FILES)} in {raw}/ or allow network access") from None
+            f"put {dataset.offline_files()} in {raw}/ or allow network access") from None
     return ds.data, ds.targets.long()
 
 

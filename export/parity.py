@@ -60,7 +60,7 @@ def parity_set(data_dir: str | None, dataset: str, task: str,
     random images."""
     folder = DATASETS[dataset].folder
     raw = Path(data_dir) / folder / "raw" if data_dir else None
-    if raw is not None and any(raw.glob("t10k-images-idx3-ubyte*")):
+    if raw is not None and any(raw.glob(DATASETS[dataset].file(False, "images") + "*")):
         from distributed.data import read_mnist, to_unit
         images, digits = read_mnist(data_dir, False, dataset)
         labels = task_of(dataset, task).map_labels(digits).numpy()

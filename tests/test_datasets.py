@@ -11,10 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, synthetic_digits, torchrun, write_synthetic_mnist
+from conftest import ROOT, synthetic_digits, torchrun, write_idx, write_synthetic_mnist
 from distributed import checkpoint
 from distributed.config import TrainConfig, parse_args
-from distributed.data import DATASETS, normalization_of, read_mnist, task_of
+from distributed.data import DATASETS, DataError, normalization_of, read_mnist, task_of
 
 FASHION = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 
@@ -90,3 +90,26 @@ def test_fashion_run_exports_and_serves_its_class_names(fashion_data: Path, tmp_
     assert len(rows) == 8 and all(row.split(",")[1] in FASHION for row in rows)
     info = subprocess.run([*serve, "info", str(run_dir / "export")], cwd=ROOT, capture_output=True, text=True)
     assert "dataset fashion-mnist" in info.stdout and "Ankle boot" in info.stdout
+
+
+@pytest.mark.parametrize("name,first,count", [("emnist-digits", 0, 10), ("emnist-letters", 1, 26)])
+def test_emnist_is_read_upright_with_labels_from_zero(name: str, first: int, count: int, tmp_path: Path) -> None:
+    split = name.split("-")[1]
+    raw = tmp_path / "EMNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    stored = rng.integers(0, 256, size=(40, 28, 28)).astype(np.uint8)
+    stored[:, :, 0] = 255  # the stored (transposed) images have a bright first column...
+    labels = (np.arange(40) % count + first).astype(np.uint8)
+    for part in ("train", "test"):
+        write_idx(raw / f"emnist-{split}-{part}-images-idx3-ubyte", stored)
+        write_idx(raw / f"emnist-{split}-{part}-labels-idx1-ubyte", labels)
+    images, read_labels = read_mnist(tmp_path, True, name)
+    assert (images[:, 0, :] == 255).all()  # ...which is the first row of the upright image
+    assert torch.equal(images, torch.from_numpy(stored).transpose(1, 2))
+    assert read_labels.tolist() == (labels - first).tolist() and int(read_labels.max()) == count - 1
+    task = task_of(name, parse_args(["--dataset", name]).task)
+    assert len(task.classes) == count and task.classes[0] == ("0" if count == 10 else "a")
+    write_idx(raw / f"emnist-{split}-test-labels-idx1-ubyte", (labels * 0 + first + count).astype(np.uint8))
+    with pytest.raises(DataError, match="labels outside"):
+        read_mnist(tmp_path, False, name)
