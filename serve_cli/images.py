@@ -86,7 +86,13 @@ def check_regular(path: Path) -> None:
 
 
 def load_digit(path: Path) -> np.ndarray:
-    """The file as an MNIST-style float32 [28, 28] image; ImageError with a short reason otherwise."""
+    """The file as an MNIST-style float32 [28, 28] image in 8-bit steps (k / 255); ImageError with a short
+    reason otherwise. Training on a folder stores digit_bytes of the same function, so both see the same pixels."""
+    return digit_bytes(path).astype(np.float32) / np.float32(255.0)
+
+
+def digit_bytes(path: Path) -> np.ndarray:
+    """The file as an MNIST-style uint8 [28, 28] digit: the one preprocessing of serving and folder training."""
     check_regular(path)
     try:
         with Image.open(path) as img:
@@ -107,9 +113,9 @@ def load_digit(path: Path) -> np.ndarray:
         raise ImageError("permission denied") from None
     except (OSError, ValueError, SyntaxError, EOFError) as e:
         raise ImageError(f"cannot decode ({str(e).splitlines()[0][:120] or type(e).__name__})") from None
-    if gray.shape == (SIZE, SIZE) and _border(gray) < 0.5:
-        return gray  # already an MNIST-style digit (any bit depth): every pixel stays as it is
-    return mnistify(gray)
+    if not (gray.shape == (SIZE, SIZE) and _border(gray) < 0.5):  # else already an MNIST-style digit
+        gray = mnistify(gray)
+    return np.round(gray * np.float32(255.0)).astype(np.uint8)
 
 
 def to_gray(img: Image.Image) -> np.ndarray:

@@ -302,7 +302,7 @@ def test_recursive_and_explicit_files(exported_run: Path, tmp_path: Path, capsys
 def test_info(exported_run: Path, capsys) -> None:
     assert main(["info", str(exported_run)]) == 0
     out = capsys.readouterr().out
-    assert "fastnet (task digits, 10 classes" in out and "parity     passed" in out and "sha256 ok" in out
+    assert "fastnet (dataset mnist, task digits, 10 classes: 0, 1, 2" in out and "parity     passed" in out and "sha256 ok" in out
     assert main(["info", str(exported_run), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["model"]["name"] == "fastnet"
 
