@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .data import DATASETS, MNIST_ONLY_TASKS
+from .data import DATASETS, FOLDER_PREFIX, MNIST_ONLY_TASKS, folder_path
 from .models import MODELS
 
 # The recipe of the source documents: torchvision MNIST, batch 64, SGD(lr=0.01, momentum=0.5).
@@ -48,14 +48,22 @@ NON_NEGATIVE = number_in(float, 0)
 FRACTION = number_in(float, 0, 1, high_open=True)  # [0, 1)
 
 
+def dataset_name(text: str) -> str:
+    """An argparse type: a torchvision dataset's name or folder:PATH."""
+    if text in DATASETS or (text.startswith(FOLDER_PREFIX) and len(text) > len(FOLDER_PREFIX)):
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r}: choose one of {', '.join(DATASETS)}, or folder:PATH")
+
+
 def _opt(default: Any, help: str, **kwargs: Any) -> Any:
     return field(default=default, metadata={"help": help, **kwargs})
 
 
 @dataclass
 class TrainConfig:
-    dataset: str = _opt("mnist", "MNIST-format dataset (torchvision's; downloaded into --data-dir on first use)",
-                        choices=list(DATASETS))
+    dataset: str = _opt("mnist", f"{', '.join(DATASETS)} (torchvision's MNIST-format datasets, downloaded into "
+                                 f"--data-dir on first use), or folder:PATH (one sub-folder of images per class)",
+                        type=lambda text: dataset_name(text))
     task: str | None = _opt(None, "MNIST only: digits (10 classes, the default) or binary (0-4 vs 5-9); other "
                                   "datasets learn their own classes", choices=list(MNIST_ONLY_TASKS))
     model: str | None = _opt(None, "network from the registry (default: fastest for the task)")
@@ -96,7 +104,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.task is None:
-            self.task = "digits" if self.dataset == "mnist" else self.dataset
+            folder = folder_path(self.dataset)
+            self.task = "digits" if self.dataset == "mnist" else folder.resolve().name if folder else self.dataset
         if self.model is None:
             self.model = DEFAULT_MODEL.get(self.task, "fastnet")
         if self.run_dir is None:

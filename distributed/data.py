@@ -81,10 +81,26 @@ TASKS = {
 MNIST_ONLY_TASKS = ("digits", "binary")
 
 
+FOLDER_PREFIX = "folder:"
+
+
+def folder_path(dataset: str) -> Path | None:
+    """The image folder of `--dataset folder:PATH`, None for the torchvision datasets."""
+    return Path(dataset[len(FOLDER_PREFIX):]) if dataset.startswith(FOLDER_PREFIX) else None
+
+
 def task_of(dataset: str, task: str) -> Task:
-    """MNIST's tasks by name; any other dataset's task is its own classes, named after the dataset."""
+    """MNIST's tasks by name; any other dataset's task is its own classes (a folder's: its sub-folders)."""
     if task in TASKS:
         return TASKS[task]
+    folder = folder_path(dataset)
+    if folder is not None:
+        from .folder import FolderError, classes_of
+        try:
+            classes = classes_of(folder)
+        except FolderError as e:
+            raise DataError(str(e)) from None
+        return Task(task, classes, tuple(range(len(classes))))
     ds = DATASETS[dataset]
     return Task(ds.name, ds.classes, tuple(range(len(ds.classes))))
 
@@ -214,12 +230,32 @@ def download_mnist(root: str | Path, train: bool, dataset: Dataset) -> tuple[tor
     return ds.data, ds.targets.long()
 
 
+def read_dataset(root: str | Path, dataset: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                         list[str]]:
+    """(train images, train labels, test images, test labels, notes for the user) of any --dataset."""
+    folder = folder_path(dataset)
+    if folder is None:
+        return (*read_mnist(root, True, dataset), *read_mnist(root, False, dataset), [])
+    from .folder import FolderError, load_folder
+    try:
+        data = load_folder(folder)
+    except FolderError as e:
+        raise DataError(str(e)) from None
+    n = len(data.train_labels) + len(data.test_labels)
+    notes = [f"{folder}: {n:,} images ({len(data.train_labels):,} train, {len(data.test_labels):,} test) "
+             + ("from its cache" if data.from_cache else "decoded and cached")]
+    if data.skipped:
+        shown = "; ".join(f"{path} ({reason})" for path, reason in data.skipped[:5])
+        notes.append(f"{folder}: skipped {len(data.skipped)} file(s) that are not usable images: {shown}"
+                     + (" ..." if len(data.skipped) > 5 else ""))
+    return data.train_images, data.train_labels, data.test_images, data.test_labels, notes
+
+
 def load_splits(root: str | Path, task: Task, val_size: int, seed: int, device: torch.device,
-                dataset: str = "mnist") -> tuple[Split, Split, Split]:
-    """(train, val, test) on `device`; val is a seeded slice of the training split, never the test set.
-    All three are normalised with the statistics of the whole training split."""
-    train_x, train_d = read_mnist(root, True, dataset)
-    test_x, test_d = read_mnist(root, False, dataset)
+                dataset: str = "mnist") -> tuple[Split, Split, Split, list[str]]:
+    """(train, val, test, notes) on `device`; val is a seeded slice of the training split, never the test
+    set. All three are normalised with the statistics of the whole training split."""
+    train_x, train_d, test_x, test_d, notes = read_dataset(root, dataset)
     if not 0 <= val_size < len(train_d):
         raise DataError(f"--val-size {val_size} must be in [0, {len(train_d) - 1}]")
     perm = torch.randperm(len(train_d), generator=torch.Generator().manual_seed(seed))
@@ -227,7 +263,7 @@ def load_splits(root: str | Path, task: Task, val_size: int, seed: int, device: 
     mean, std = normalization_of(train_x)
     full = Split(train_x.to(device), task.map_labels(train_d.to(device)), mean, std)
     test = Split(test_x.to(device), task.map_labels(test_d.to(device)), mean, std)
-    return full.subset(train_idx.to(device)), full.subset(val_idx.to(device)), test
+    return full.subset(train_idx.to(device)), full.subset(val_idx.to(device)), test, notes
 
 
 def make_sampler(n: int, rank: int, world_size: int, seed: int, shuffle: bool = True) -> DistributedSampler:
@@ -264,7 +300,7 @@ def eval_shard(n: int, rank: int, world_size: int, device: torch.device) -> torc
     return torch.arange(min(rank, n), n, world_size, device=device)
 
 
-def load_data(cfg: TrainConfig, task: Task, env: DistEnv) -> tuple[Split, Split, Split]:
+def load_data(cfg: TrainConfig, task: Task, env: DistEnv) -> tuple[Split, Split, Split, list[str]]:
     """Local rank 0 downloads/extracts first; the others wait, then read the same files."""
     splits, error = None, None
     if env.local_rank == 0:
@@ -276,10 +312,10 @@ def load_data(cfg: TrainConfig, task: Task, env: DistEnv) -> tuple[Split, Split,
         raise error or DataError(f"{cfg.dataset} could not be prepared in {cfg.data_dir} (see local rank 0's error)")
     if splits is None:
         splits = load_splits(cfg.data_dir, task, cfg.val_size, cfg.seed, env.device, cfg.dataset)
-    train, val, test = splits
+    train, val, test, notes = splits
     if cfg.overfit_batches:
         # The notebook's sanity check: a model that cannot drive these few batches to ~0 loss is broken.
         n = min(len(train), cfg.overfit_batches * cfg.batch_size * env.world_size)
         train = train.subset(torch.arange(n, device=env.device))
         val = test = train
-    return train, val, test
+    return train, val, test, notes

@@ -45,6 +45,11 @@ class Reporter:
             self.logger.graph(model, example)
         self.logger.layout({"recall": [r"test_per_class/recall/.*"], "precision": [r"test_per_class/precision/.*"]})
 
+    def notes(self, lines: list[str]) -> None:
+        if self.active:
+            for line in lines:
+                print(line, flush=True)
+
     def refitted(self, saved: dict[str, Any]) -> None:
         if self.active:
             print(f"resuming with world size {self.env.world_size}, --epochs {self.cfg.epochs}, --batch-size "

@@ -92,7 +92,6 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, env: dist.DistEnv, stop: StopRequest, phases: Phases) -> None:
         self.cfg, self.env, self.stop, self.phases = cfg, env, stop, phases
-        self.task = task_of(cfg.dataset, cfg.task)
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.closing = ExitStack()  # what close() undoes, also when __init__ fails half-way
@@ -104,13 +103,14 @@ class Trainer:
 
     def _build(self) -> None:
         cfg, env = self.cfg, self.env
+        self.task = task_of(cfg.dataset, cfg.task)  # a folder's classes are its sub-folders: may raise DataError
         lock = lock_run_dir(self.run_dir, env)
         if lock is not None:
             self.closing.callback(lock.release)
         with self.phases("checkpoints/logging"):
             state = checkpoint.resume_state(cfg, self.ckpt_dir / "last.pt")
         with self.phases("data"):
-            self.train, self.val, self.test = load_data(cfg, self.task, env)
+            self.train, self.val, self.test, data_notes = load_data(cfg, self.task, env)
         self.dtype = amp_dtype(cfg.amp, env.device)
 
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank (DDP also broadcasts rank 0's)
@@ -138,6 +138,7 @@ class Trainer:
         if env.is_main:
             for stale in self.ckpt_dir.glob(".*.tmp*"):  # a save killed half-way left its temp file
                 stale.unlink(missing_ok=True)
+        self.report.notes(data_notes)
         if refitted:
             self.report.refitted({"world_size": state["world_size"], **state["config"]})
         resumed_at = None if state is None else (

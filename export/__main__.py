@@ -67,6 +67,12 @@ def versions() -> dict[str, str]:
             "python": platform.python_version()}
 
 
+# What serve_cli does to an image file before the model sees it; a folder dataset was trained through the same.
+PREPROCESSING = ("serve_cli.images.digit_bytes: first frame, EXIF orientation, gray; light paper inverted; ink "
+                 "stretched, cropped, scaled to 20 px and centred by mass in 28x28 (28x28 dark images as they are); "
+                 "8-bit levels")
+
+
 def build_manifest(info: dict[str, Any], checkpoint: Path, artifacts: dict[str, Any], parity: dict[str, Any],
                    reference: list[list[float]]) -> dict[str, Any]:
     classes = info["classes"]
@@ -77,6 +83,7 @@ def build_manifest(info: dict[str, Any], checkpoint: Path, artifacts: dict[str, 
                   "num_classes": len(classes)},
         "input": {"name": INPUT_NAME, "dtype": "float32", "shape": ["N", 1, 28, 28], "range": [0.0, 1.0],
                   "polarity": "MNIST: bright ink (1.0) on a dark background (0.0)",
+                  "preprocessing": PREPROCESSING,
                   "normalization": {"mean": info["mean"], "std": info["std"], "applied": "inside the model"}},
         "output": {"name": OUTPUT_NAME, "dtype": "float32", "shape": ["N", len(classes)],
                    "meaning": "unnormalised class scores in the order of model.classes; softmax for probabilities"},

@@ -4,7 +4,7 @@ Imports no torch: serve_cli reads artifacts through this module alone.
 
 manifest.json (format_version 2):
   model      {name, dataset (absent before format 2 had it: mnist), task, classes (output order), num_classes}
-  input      {name, dtype, shape (["N", 1, 28, 28]), range, polarity, normalization {mean, std, applied}}
+  input      {name, dtype, shape (["N", 1, 28, 28]), range, polarity, preprocessing, normalization {mean, std, applied}}
   output     {name, dtype, shape (["N", C])}
   artifacts  {artifact kind: {file, bytes, sha256, ...}} for onnx, torchscript, exported_program
   source     {checkpoint, sha256, epoch, test_accuracy, val_accuracy}

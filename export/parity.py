@@ -10,7 +10,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from distributed.data import DATASETS, task_of
+from distributed.data import DATASETS, folder_path, task_of
 
 from .manifest import INPUT_NAME, probe_images
 
@@ -58,6 +58,16 @@ def parity_set(data_dir: str | None, dataset: str, task: str,
                random_count: int = 1000) -> tuple[np.ndarray, np.ndarray | None, str]:
     """The dataset's test images in [0, 1] (with task labels) when its files are in data_dir, else seeded
     random images."""
+    images_folder = folder_path(dataset)
+    if images_folder is not None:
+        from distributed.data import to_unit
+        from distributed.folder import CACHE_NAME, load_folder
+        if (images_folder / CACHE_NAME).is_file():  # the folder as the trainer saw it
+            data = load_folder(images_folder)
+            x = to_unit(data.test_images).numpy()
+            return x, data.test_labels.numpy(), f"the test split of {images_folder} ({len(x)} images)"
+        return (probe_images(0, random_count), None,
+                f"seeded uniform random images ({random_count}), {images_folder} not found")
     folder = DATASETS[dataset].folder
     raw = Path(data_dir) / folder / "raw" if data_dir else None
     if raw is not None and any(raw.glob(DATASETS[dataset].file(False, "images") + "*")):

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from distributed import checkpoint
-from distributed.data import DATASETS, MEAN, STD, task_of
+from distributed.data import DATASETS, MEAN, STD, folder_path, task_of
 from distributed.models import MODELS, build_model
 
 
@@ -33,7 +33,7 @@ def load_for_export(path: str | Path) -> tuple[InferenceModel, dict[str, Any]]:
     if name not in MODELS:
         raise checkpoint.CheckpointError(f"{path} names model {name!r}, which this version does not know "
                                          f"(known: {', '.join(MODELS)})")
-    if info["dataset"] not in DATASETS:
+    if info["dataset"] not in DATASETS and folder_path(info["dataset"]) is None:
         raise checkpoint.CheckpointError(f"{path} names dataset {info['dataset']!r}; known: {', '.join(DATASETS)}")
     if not info["classes"] and task not in ("digits", "binary"):
         raise checkpoint.CheckpointError(f"{path} names task {task!r} and no classes: it is not one of ours")

@@ -223,6 +223,8 @@ def describe(directory: Path, m: dict) -> str:
         f"mean {norm.get('mean')} / std {norm.get('std')} applied {norm.get('applied')}",
         f"output     {m['output']['name']} {m['output']['dtype']} [{', '.join(map(str, m['output']['shape']))}]",
     ]
+    if inp.get("preprocessing"):
+        lines.insert(3, f"preprocess {inp['preprocessing']}")
     if src:
         acc = f", test accuracy {src['test_accuracy']:.2%}" if src.get("test_accuracy") is not None else ""
         lines.append(f"source     {src['checkpoint']} (epoch {src['epoch']}{acc})")

@@ -52,10 +52,10 @@ def test_eval_shards_are_exact(world: int) -> None:
 
 
 def test_splits_are_seeded_and_disjoint(synthetic_data) -> None:
-    train, val, test = load_splits(synthetic_data, TASKS["digits"], 64, seed=3, device=CPU)
+    train, val, test, _ = load_splits(synthetic_data, TASKS["digits"], 64, seed=3, device=CPU)
     assert (len(train), len(val), len(test)) == (576, 64, 200)
     assert train.images.dtype == torch.uint8 and train.images.shape[1:] == (28, 28)
-    _, val2, _ = load_splits(synthetic_data, TASKS["digits"], 64, seed=3, device=CPU)
+    _, val2, _, _ = load_splits(synthetic_data, TASKS["digits"], 64, seed=3, device=CPU)
     assert torch.equal(val.images, val2.images)
     raw, _ = read_mnist(synthetic_data, train=True)
     seen = {bytes(img.numpy()) for img in val.images}
@@ -65,7 +65,7 @@ def test_splits_are_seeded_and_disjoint(synthetic_data) -> None:
 
 def test_binary_labels_from_files(synthetic_data) -> None:
     _, digits = read_mnist(synthetic_data, train=False)
-    _, _, test = load_splits(synthetic_data, TASKS["binary"], 0, seed=0, device=CPU)
+    _, _, test, _ = load_splits(synthetic_data, TASKS["binary"], 0, seed=0, device=CPU)
     assert torch.equal(test.labels, (digits >= 5).long())
 
 

@@ -30,7 +30,7 @@ def events(run_dir: Path) -> EventAccumulator:
 
 def final_probabilities(run_dir: Path, data: Path, val_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """The final model's class probabilities on the whole test set, computed here independently of the trainer."""
-    _, _, test = load_splits(data, TASKS["digits"], val_size, 0, torch.device("cpu"))
+    _, _, test, _ = load_splits(data, TASKS["digits"], val_size, 0, torch.device("cpu"))
     model = build_model(json.loads((run_dir / "metrics.json").read_text())["model"], 10)
     model.load_state_dict(final_weights(run_dir))
     with torch.inference_mode():

@@ -36,7 +36,7 @@ def assert_eval_equals_one_process(data: Path, run_dir: Path) -> None:
     task = TASKS[config["task"]]
     model = to_device(build_model(config["model"], task.num_classes), cpu, config["channels_last"])
     model.load_state_dict(state["model"])
-    _, _, test = load_splits(data, task, config["val_size"], config["seed"], cpu)
+    _, _, test, _ = load_splits(data, task, config["val_size"], config["seed"], cpu)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     dtype = {"off": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[metrics["amp"]]  # as the run did
     single = evaluate(model, test, eval_shard(len(test), 0, 1, cpu), 1000, task.num_classes, dtype,
