@@ -113,3 +113,133 @@ def test_emnist_is_read_upright_with_labels_from_zero(name: str, first: int, cou
     write_idx(raw / f"emnist-{split}-test-labels-idx1-ubyte", (labels * 0 + first + count).astype(np.uint8))
     with pytest.raises(DataError, match="labels outside"):
         read_mnist(tmp_path, False, name)
+
+
+DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+
+def write_folder(root: Path, n: int = 700, fmt: str = "png") -> Path:
+    """Synthetic digits as image files in class sub-folders named after the digit, plus one broken file."""
+    images, labels = synthetic_digits(n, 0)
+    for i, (img, label) in enumerate(zip(images, labels)):
+        folder = root / DIGIT_NAMES[label]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(folder / f"{i:04d}.{fmt}", quality=95)
+    (root / "three" / "broken.png").write_bytes(b"not a png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory) -> Path:
+    return write_folder(tmp_path_factory.mktemp("folder") / "meters")
+
+
+def test_folder_run_trains_exports_and_serves_the_folders_names(image_folder: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(torchrun(2, "--dataset", f"folder:{image_folder}", "--run-dir", str(run_dir),
+                                   "--val-size", "50", "--epochs", "2"),
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "skipped 1 file(s) that are not usable images: three/broken.png" in proc.stdout
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["classes"] == sorted(DIGIT_NAMES) and metrics["task"] == "meters"
+    assert metrics["test_accuracy"] > 0.8
+    from export.__main__ import main as export
+    assert export(["--run-dir", str(run_dir), "--batch-sizes", "1,64"]) == 0
+    manifest = json.loads((run_dir / "export" / "manifest.json").read_text())
+    assert manifest["model"]["classes"] == sorted(DIGIT_NAMES) and "digit_bytes" in manifest["input"]["preprocessing"]
+    assert manifest["parity"]["dataset"].startswith(f"the test split of {image_folder}")
+    proc = subprocess.run([sys.executable, "-m", "serve_cli", "predict", str(image_folder / "seven"), "--model",
+                           str(run_dir / "export"), "--format", "csv"], cwd=ROOT, capture_output=True, text=True)
+    rows = [r.split(",") for r in proc.stdout.strip().splitlines()[1:]]
+    assert len(rows) > 50 and sum(r[1] == "seven" for r in rows) / len(rows) > 0.8
+
+
+def test_folder_cache_is_used_and_rebuilt_when_a_file_changes(tmp_path: Path) -> None:
+    from distributed.folder import CACHE_NAME, load_folder
+    root = write_folder(tmp_path / "f", n=60)
+    first = load_folder(root)
+    assert not first.from_cache and [p for p, _ in first.skipped] == ["three/broken.png"]
+    assert len(first.train_labels) + len(first.test_labels) == 60
+    again = load_folder(root)
+    assert again.from_cache and torch.equal(again.train_images, first.train_images)
+    changed = sorted((root / "one").iterdir())[0]
+    Image.fromarray(np.zeros((28, 28), dtype=np.uint8) + 9).save(changed)  # another picture, same name
+    rebuilt = load_folder(root)
+    assert not rebuilt.from_cache
+    (root / CACHE_NAME).write_bytes(b"garbage")  # a damaged cache is rebuilt, never trusted
+    assert not load_folder(root).from_cache and load_folder(root).from_cache
+
+
+def test_folder_split_is_stable_and_disjoint(tmp_path: Path) -> None:
+    from distributed.folder import classes_of, listing
+    root = write_folder(tmp_path / "f", n=300)
+    files = listing(root, classes_of(root))
+    test = {f[0] for f in files if f[2]}
+    train = {f[0] for f in files if not f[2]}
+    assert not test & train and len(test) + len(train) == len(files)
+    assert 0.1 < len(test) / len(files) < 0.25  # about a sixth
+    Image.fromarray(np.zeros((28, 28), dtype=np.uint8)).save(root / "two" / "new.png")
+    after = {f[0] for f in listing(root, classes_of(root)) if f[2]}
+    assert after - {"two/new.png"} == test  # adding a file moves no other file between splits
+    # train/ and test/ sub-folders, when both exist, are the split
+    split_root = tmp_path / "split"
+    for part, n in (("train", 40), ("test", 20)):
+        write_folder(split_root / part, n=n)
+    files = listing(split_root, classes_of(split_root))
+    assert all(f[2] == f[0].startswith("test/") for f in files) and classes_of(split_root) == tuple(sorted(DIGIT_NAMES))
+
+
+def test_trainer_and_serve_cli_see_the_same_pixels(tmp_path: Path) -> None:
+    """Real-world-style pictures through the folder dataset and through serve_cli's decoder: bit for bit."""
+    from distributed.data import to_unit
+    from distributed.folder import load_folder
+    from serve_cli.pool import decode
+    root = tmp_path / "styles"
+    rng = np.random.default_rng(1)
+    pictures = {
+        "inverted": 255 - synthetic_digits(1, 3)[0][0],  # dark ink on white paper
+        "large": np.kron(255 - synthetic_digits(1, 4)[0][0], np.ones((9, 9), dtype=np.uint8)),  # 252x252
+        "offcentre": np.pad(synthetic_digits(1, 5)[0][0], ((0, 40), (30, 0))),
+    }
+    paths = []
+    for i, (name, array) in enumerate(pictures.items()):
+        (root / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        paths.append(root / f"c{i % 2}" / f"{name}.png")
+        Image.fromarray(array.astype(np.uint8)).save(paths[-1])
+    rgba = np.zeros((60, 40, 4), dtype=np.uint8)  # a transparent PNG with black strokes
+    rgba[10:50, 15:22] = (0, 0, 0, 255)
+    paths.append(root / "c1" / "rgba.png")
+    Image.fromarray(rgba, mode="RGBA").save(paths[-1])
+    jpeg = rng.integers(0, 30, size=(80, 80, 3)).astype(np.uint8)
+    jpeg[20:60, 35:45] = 230
+    paths.append(root / "c0" / "photo.jpg")
+    Image.fromarray(jpeg).save(paths[-1], quality=80)
+    data = load_folder(root)
+    assert not data.skipped
+    trained = torch.cat([data.train_images, data.test_images])
+    labels = torch.cat([data.train_labels, data.test_labels])
+    served, errors = decode(paths)
+    assert errors == [None] * len(paths)
+    # match by content order: the folder lists c0 then c1, each sorted by name
+    order = sorted(range(len(paths)), key=lambda i: (paths[i].parent.name, paths[i].name))
+    from distributed.folder import classes_of, listing
+    listed = [f[0] for f in listing(root.resolve(), classes_of(root))]
+    assert listed == [str(paths[i].relative_to(root)) for i in order]
+    by_listing = {name: i for i, name in enumerate(listed)}
+    train_first = [f for f in listing(root.resolve(), classes_of(root)) if not f[2]] + \
+        [f for f in listing(root.resolve(), classes_of(root)) if f[2]]
+    for position, entry in enumerate(train_first):
+        i = order[by_listing[entry[0]]]
+        assert torch.equal(to_unit(trained[position:position + 1])[0, 0], torch.from_numpy(served[i]))
+        assert int(labels[position]) == int(paths[i].parent.name[1])
+
+
+def test_folder_errors_are_one_line(tmp_path: Path, capsys) -> None:
+    from distributed.train import main
+    assert main(["--dataset", f"folder:{tmp_path / 'nowhere'}", "--run-dir", str(tmp_path / "r")]) == 1
+    assert capsys.readouterr().err.strip().endswith("nowhere: no such folder")
+    (tmp_path / "one_class" / "a").mkdir(parents=True)
+    assert main(["--dataset", f"folder:{tmp_path / 'one_class'}", "--run-dir", str(tmp_path / "r2")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "one sub-folder per class (at least 2), found 1" in err
