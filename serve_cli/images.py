@@ -176,3 +176,14 @@ def mnistify(gray: np.ndarray) -> np.ndarray:
     out = np.zeros((SIZE, SIZE), dtype=np.float32)
     out[top:top + new_h, left:left + new_w] = digit
     return out
+
+
+def digits_or_reasons(paths: list[Path]) -> list[np.ndarray | str]:
+    """digit_bytes of each file, or why it is not one: a whole chunk per call, for process pools."""
+    out: list[np.ndarray | str] = []
+    for path in paths:
+        try:
+            out.append(digit_bytes(path))
+        except ImageError as e:
+            out.append(str(e))
+    return out
