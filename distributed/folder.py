@@ -100,12 +100,14 @@ def load_folder(root: Path) -> FolderData:
     # One digest of every file's path, label, split, size and mtime: loading a cache of 70,000 files stays fast.
     key = hashlib.sha256(json.dumps(files).encode()).hexdigest()
     cache = root / CACHE_NAME
+    ours = not cache.exists()  # a file of that name we did not write is never replaced
     if cache.is_file():
         try:
             saved = torch.load(cache, weights_only=True)
+            ours = isinstance(saved, dict) and "version" in saved and "files" in saved
             if saved.get("version") == CACHE_VERSION and saved["files"] == key and saved["classes"] == list(classes):
                 return unpack(saved, classes, from_cache=True)
-        except Exception:  # an unreadable, damaged or foreign cache is rebuilt, never trusted
+        except Exception:  # unreadable, damaged or foreign: not trusted (and, if foreign, not replaced)
             pass
     images, labels, tests, skipped = [], [], [], []
     for (relative, label, test, _, _), result in zip(files, decode_all([root / f[0] for f in files])):
@@ -121,10 +123,11 @@ def load_folder(root: Path) -> FolderData:
     saved = {"version": CACHE_VERSION, "files": key, "classes": list(classes),
              "images": torch.from_numpy(np.stack(images)), "labels": torch.tensor(labels, dtype=torch.int64),
              "test": torch.tensor(tests, dtype=torch.bool), "skipped": [list(s) for s in skipped]}
-    try:
-        atomic_write(cache, lambda tmp: torch.save(saved, tmp))
-    except OSError:  # a read-only folder: train anyway, decoding again next time
-        pass
+    if ours:
+        try:
+            atomic_write(cache, lambda tmp: torch.save(saved, tmp))
+        except OSError:  # a read-only folder: train anyway, decoding again next time
+            pass
     return unpack(saved, classes, from_cache=False)
 
 

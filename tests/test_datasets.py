@@ -19,9 +19,18 @@ from distributed.data import DATASETS, DataError, normalization_of, read_mnist, 
 FASHION = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 
 
-@pytest.fixture(scope="module")
-def fashion_data(tmp_path_factory) -> Path:
-    return write_synthetic_mnist(tmp_path_factory.mktemp("fashion"), folder="FashionMNIST")
+def write_dataset(root: Path, name: str, n_train: int = 640, n_test: int = 200) -> Path:
+    """Synthetic IDX files in the layout torchvision's class for `name` expects (EMNIST: its own names)."""
+    ds = DATASETS[name]
+    if not ds.split:
+        return write_synthetic_mnist(root, n_train, n_test, folder=ds.folder)
+    raw = root / ds.folder / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for train, n, seed in ((True, n_train, 0), (False, n_test, 1)):
+        images, labels = synthetic_digits(n, seed)
+        write_idx(raw / ds.file(train, "images"), images.transpose(0, 2, 1))  # EMNIST stores them transposed
+        write_idx(raw / ds.file(train, "labels"), labels + ds.first_label)
+    return root
 
 
 @pytest.mark.parametrize("name,folder", [("fashion-mnist", "FashionMNIST"), ("kmnist", "KMNIST")])
@@ -56,30 +65,36 @@ def test_flags() -> None:
     assert TrainConfig(dataset="kmnist").resume_conflicts(saved)  # but another dataset is
 
 
-def test_fashion_run_exports_and_serves_its_class_names(fashion_data: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", ["fashion-mnist", "kmnist", "emnist-letters"])
+def test_run_exports_and_serves_the_datasets_class_names(name: str, tmp_path: Path) -> None:
+    data = write_dataset(tmp_path / "data", name)
+    classes = list(DATASETS[name].classes)
     run_dir = tmp_path / "run"
-    proc = subprocess.run(torchrun(2, "--dataset", "fashion-mnist", "--data-dir", str(fashion_data), "--run-dir",
+    proc = subprocess.run(torchrun(2, "--dataset", name, "--data-dir", str(data), "--run-dir",
                                    str(run_dir), "--val-size", "64", "--epochs", "2"),
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["dataset"] == "fashion-mnist" and metrics["classes"] == list(FASHION)
+    assert metrics["dataset"] == name and metrics["classes"] == classes
     assert metrics["test_accuracy"] > 0.5
-    train_images, _ = read_mnist(fashion_data, True, "fashion-mnist")
+    train_images, _ = read_mnist(data, True, name)
     mean, std = normalization_of(train_images)
     state = checkpoint.load(run_dir / "checkpoints" / "best.pt")
-    assert state["normalization"] == {"mean": mean, "std": std} and state["classes"] == list(FASHION)
+    assert state["normalization"] == {"mean": mean, "std": std} and state["classes"] == classes
 
     from export.__main__ import main as export
     assert export(["--run-dir", str(run_dir), "--batch-sizes", "1,64"]) == 0
     manifest = json.loads((run_dir / "export" / "manifest.json").read_text())
-    assert manifest["model"]["dataset"] == "fashion-mnist" and manifest["model"]["classes"] == list(FASHION)
+    assert manifest["model"]["dataset"] == name and manifest["model"]["classes"] == classes
     assert manifest["input"]["normalization"]["mean"] == mean and manifest["input"]["normalization"]["std"] == std
-    assert manifest["parity"]["dataset"].startswith("FashionMNIST test set")  # the gate used the dataset's test set
+    # the gate used the dataset's own test set, with its labels
+    assert manifest["parity"]["dataset"].startswith(f"{DATASETS[name].folder} test set")
+    exported = state["metrics"]["test_accuracy"]  # best.pt's epoch, which the export took
+    assert manifest["parity"]["runtimes"]["onnxruntime"]["accuracy"] == pytest.approx(exported)
 
     images = tmp_path / "images"
     images.mkdir()
-    test_images, test_labels = read_mnist(fashion_data, False, "fashion-mnist")
+    test_images, test_labels = read_mnist(data, False, name)
     for i in range(8):
         Image.fromarray(test_images[i].numpy()).save(images / f"{i}.png")
     serve = [sys.executable, "-m", "serve_cli"]
@@ -87,9 +102,11 @@ def test_fashion_run_exports_and_serves_its_class_names(fashion_data: Path, tmp_
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     rows = proc.stdout.strip().splitlines()[1:]
-    assert len(rows) == 8 and all(row.split(",")[1] in FASHION for row in rows)
+    said = [row.split(",")[1] for row in rows]
+    assert len(rows) == 8 and all(c in classes for c in said)
+    assert sum(c == classes[int(t)] for c, t in zip(said, test_labels[:8])) >= 6  # the names mean the right classes
     info = subprocess.run([*serve, "info", str(run_dir / "export")], cwd=ROOT, capture_output=True, text=True)
-    assert "dataset fashion-mnist" in info.stdout and "Ankle boot" in info.stdout
+    assert f"dataset {name}" in info.stdout and f"{classes[-2]}, {classes[-1]})" in info.stdout
 
 
 @pytest.mark.parametrize("name,first,count", [("emnist-digits", 0, 10), ("emnist-letters", 1, 26)])
@@ -167,8 +184,10 @@ def test_folder_cache_is_used_and_rebuilt_when_a_file_changes(tmp_path: Path) ->
     Image.fromarray(np.zeros((28, 28), dtype=np.uint8) + 9).save(changed)  # another picture, same name
     rebuilt = load_folder(root)
     assert not rebuilt.from_cache
-    (root / CACHE_NAME).write_bytes(b"garbage")  # a damaged cache is rebuilt, never trusted
-    assert not load_folder(root).from_cache and load_folder(root).from_cache
+    assert load_folder(root).from_cache
+    (root / CACHE_NAME).write_bytes(b"a file of the user's")  # not ours: neither trusted nor replaced
+    assert not load_folder(root).from_cache and not load_folder(root).from_cache
+    assert (root / CACHE_NAME).read_bytes() == b"a file of the user's"
 
 
 def test_folder_split_is_stable_and_disjoint(tmp_path: Path) -> None:
