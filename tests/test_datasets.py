@@ -65,7 +65,7 @@ def test_flags() -> None:
     assert TrainConfig(dataset="kmnist").resume_conflicts(saved)  # but another dataset is
 
 
-@pytest.mark.parametrize("name", ["fashion-mnist", "kmnist", "emnist-letters"])
+@pytest.mark.parametrize("name", ["fashion-mnist", "kmnist", "emnist-digits", "emnist-letters"])
 def test_run_exports_and_serves_the_datasets_class_names(name: str, tmp_path: Path) -> None:
     data = write_dataset(tmp_path / "data", name)
     classes = list(DATASETS[name].classes)
@@ -135,13 +135,13 @@ def test_emnist_is_read_upright_with_labels_from_zero(name: str, first: int, cou
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 
-def write_folder(root: Path, n: int = 700, fmt: str = "png") -> Path:
-    """Synthetic digits as image files in class sub-folders named after the digit, plus one broken file."""
+def write_folder(root: Path, n: int = 700) -> Path:
+    """Synthetic digits as PNG and JPEG files in class sub-folders named after the digit, plus one broken file."""
     images, labels = synthetic_digits(n, 0)
     for i, (img, label) in enumerate(zip(images, labels)):
         folder = root / DIGIT_NAMES[label]
         folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(img).save(folder / f"{i:04d}.{fmt}", quality=95)
+        Image.fromarray(img).save(folder / f"{i:04d}.{'jpg' if i % 5 == 0 else 'png'}", quality=95)
     (root / "three" / "broken.png").write_bytes(b"not a png")
     return root
 
