@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .data import DATASETS, FOLDER_PREFIX, MNIST_ONLY_TASKS, folder_path
+from .data import DATASETS, FOLDER_PREFIX, TASKS, folder_path
 from .models import MODELS
 
 # The recipe of the source documents: torchvision MNIST, batch 64, SGD(lr=0.01, momentum=0.5).
@@ -63,9 +63,9 @@ def _opt(default: Any, help: str, **kwargs: Any) -> Any:
 class TrainConfig:
     dataset: str = _opt("mnist", f"{', '.join(DATASETS)} (torchvision's MNIST-format datasets, downloaded into "
                                  f"--data-dir on first use), or folder:PATH (one sub-folder of images per class)",
-                        type=lambda text: dataset_name(text))
+                        type=dataset_name)
     task: str | None = _opt(None, "MNIST only: digits (10 classes, the default) or binary (0-4 vs 5-9); other "
-                                  "datasets learn their own classes", choices=list(MNIST_ONLY_TASKS))
+                                  "datasets learn their own classes", choices=list(TASKS))
     model: str | None = _opt(None, "network from the registry (default: fastest for the task)")
     data_dir: str = _opt("data", "dataset root; the four IDX files go in DATA_DIR/MNIST/raw/ (FashionMNIST/raw/, "
                                  "KMNIST/raw/ for the others; downloaded if absent)")

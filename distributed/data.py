@@ -78,7 +78,6 @@ TASKS = {
     "digits": Task("digits", tuple(str(d) for d in range(10)), tuple(range(10))),
     "binary": Task("binary", ("0-4", "5-9"), (0,) * 5 + (1,) * 5),
 }
-MNIST_ONLY_TASKS = ("digits", "binary")
 
 
 FOLDER_PREFIX = "folder:"

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from distributed import checkpoint
-from distributed.data import DATASETS, MEAN, STD, folder_path, task_of
+from distributed.data import DATASETS, MEAN, STD, TASKS, folder_path, task_of
 from distributed.models import MODELS, build_model
 
 
@@ -35,7 +35,7 @@ def load_for_export(path: str | Path) -> tuple[InferenceModel, dict[str, Any]]:
                                          f"(known: {', '.join(MODELS)})")
     if info["dataset"] not in DATASETS and folder_path(info["dataset"]) is None:
         raise checkpoint.CheckpointError(f"{path} names dataset {info['dataset']!r}; known: {', '.join(DATASETS)}")
-    if not info["classes"] and task not in ("digits", "binary"):
+    if not info["classes"] and task not in TASKS:
         raise checkpoint.CheckpointError(f"{path} names task {task!r} and no classes: it is not one of ours")
     classes = list(info["classes"] or task_of(info["dataset"], task).classes)
     net = build_model(name, len(classes))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import stat
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -178,12 +178,17 @@ def mnistify(gray: np.ndarray) -> np.ndarray:
     return out
 
 
+def digit_or_reason(path: Path, load: Callable[[Path], np.ndarray] = digit_bytes) -> np.ndarray | str:
+    """load(path), or why the file has no digit; never raises: one bad file (or a decoder bug) costs one
+    item, not the run. Serving (load_digit) and folder training (digit_bytes) share this policy."""
+    try:
+        return load(path)
+    except ImageError as e:
+        return str(e)
+    except Exception as e:  # a decoder bug
+        return f"unexpected {type(e).__name__}: {str(e)[:120]}"
+
+
 def digits_or_reasons(paths: list[Path]) -> list[np.ndarray | str]:
     """digit_bytes of each file, or why it is not one: a whole chunk per call, for process pools."""
-    out: list[np.ndarray | str] = []
-    for path in paths:
-        try:
-            out.append(digit_bytes(path))
-        except ImageError as e:
-            out.append(str(e))
-    return out
+    return [digit_or_reason(path) for path in paths]

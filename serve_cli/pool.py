@@ -17,7 +17,7 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from .images import ImageError, load_digit
+from .images import digit_or_reason, load_digit
 from .model import ModelError, Runtime
 
 
@@ -55,13 +55,12 @@ def decode(paths: list[Path]) -> tuple[list[np.ndarray], list[str | None]]:
     digits: list[np.ndarray] = []
     errors: list[str | None] = []
     for path in paths:
-        try:
-            digits.append(load_digit(path))
+        result = digit_or_reason(path, load_digit)
+        if isinstance(result, str):
+            errors.append(result)
+        else:
+            digits.append(result)
             errors.append(None)
-        except ImageError as e:
-            errors.append(str(e))
-        except Exception as e:  # a decoder bug must cost one row, not the run
-            errors.append(f"unexpected {type(e).__name__}: {str(e)[:120]}")
     return digits, errors
 
 
