@@ -1,7 +1,9 @@
 """The checkpoint file: its schema, written atomically, read back with weights_only=True and checked.
 
-Schema (version 2), a plain dict of tensors and plain values:
+Schema (version 3), a plain dict of tensors and plain values:
   version     int, CHECKPOINT_VERSION
+  digest      sha256 over everything else in the file (`content_digest`), checked by `load`: a flipped byte in
+              the weights is refused, not trained on or exported
   model       the unwrapped network's state_dict
   optimizer   optimiser state_dict
   scheduler   LR scheduler state_dict, or None (--schedule none)
@@ -14,12 +16,17 @@ Schema (version 2), a plain dict of tensors and plain values:
   rng         one {cpu[, cuda]} RNG state per rank
   run         RunState as a dict: epoch (completed), step, batch_in_epoch, the work done so far, history
   metrics     the last completed epoch's record
+  amp         the autocast dtype the run trained and evaluated in ("off", "bfloat16", "float16")
+  data        what the run trained and was scored on (`data.fingerprint`): digest of every split, digest of the
+              test split alone, images per class in train (with validation) and test
 
 `Trainer.state_dict` (distributed/train.py) writes it and `Trainer.load_state_dict` reads it; `summary`
-is what everything else (export) needs from it. Version 1 (the same, plus `epoch`/`step` twice) loads too.
+is what everything else (export) needs from it. Versions 1 and 2 (no digest, amp or data; version 1 has
+`epoch`/`step` twice) load too, unchecked.
 """
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,8 +37,8 @@ from .files import atomic_write
 if TYPE_CHECKING:
     from .config import TrainConfig
 
-CHECKPOINT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+CHECKPOINT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 REQUIRED_KEYS = ("version", "model", "config", "run")
 
 
@@ -39,10 +46,38 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, unreadable, or not one of ours."""
 
 
+def content_digest(state: dict[str, Any]) -> str:
+    """sha256 over every value but `digest` itself: tensors by dtype, shape and bytes, the rest by repr, dict
+    keys in sorted order, so that what torch.load gives back hashes as what torch.save was given."""
+    h = hashlib.sha256()
+    _feed(h, {k: v for k, v in state.items() if k != "digest"})
+    return h.hexdigest()
+
+
+def _feed(h: Any, value: Any) -> None:
+    if isinstance(value, torch.Tensor):
+        t = value.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}:".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(value, dict):
+        h.update(f"D{len(value)}:".encode())
+        for key, item in sorted(value.items(), key=lambda kv: repr(kv[0])):
+            h.update(repr(key).encode())
+            _feed(h, item)
+    elif isinstance(value, (list, tuple)):
+        h.update(f"L{len(value)}:".encode())
+        for item in value:
+            _feed(h, item)
+    else:
+        h.update(f"{type(value).__name__}:{value!r};".encode())
+
+
 def save(path: Path, state: dict[str, Any]) -> None:
     """Atomic: on a full disk (torch raises RuntimeError for it, not OSError) the previous file stays."""
+    state = {"version": CHECKPOINT_VERSION, **state}
+    state["digest"] = content_digest(state)
     try:
-        atomic_write(path, lambda p: torch.save({"version": CHECKPOINT_VERSION, **state}, p))
+        atomic_write(path, lambda p: torch.save(state, p))
     except (OSError, RuntimeError) as e:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
         raise CheckpointError(f"cannot write {path} ({reason}; is the disk full?): the previous checkpoint "
@@ -66,6 +101,9 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
                               f"{READABLE_VERSIONS}: use the release that wrote it")
     if not isinstance(state["config"], dict) or not isinstance(state["run"], dict):
         raise CheckpointError(f"{path} is not a checkpoint of this project (config or run is malformed)")
+    if state["version"] >= 3 and state.get("digest") != content_digest(state):
+        raise CheckpointError(f"{path} is damaged: its contents no longer match the digest written with it; "
+                              f"use another checkpoint (last.pt, best.pt, a backup) or train again")
     return state
 
 
@@ -89,7 +127,10 @@ def summary(state: dict[str, Any]) -> dict[str, Any]:
     return {"name": config.get("model"), "task": config.get("task"), "classes": state.get("classes"),
             "dataset": config.get("dataset", "mnist"), "mean": float(norm["mean"]), "std": float(norm["std"]),
             "epoch": state["run"].get("epoch"), "metrics": state.get("metrics") or {},
-            "data_dir": config.get("data_dir")}
+            "data_dir": config.get("data_dir"), "amp": state.get("amp"),
+            # the metrics were scored on these weights (a mid-epoch save keeps the last epoch's record)
+            "scored": not state["run"].get("batch_in_epoch"),
+            "test_digest": (state.get("data") or {}).get("test_digest")}
 
 
 def rng_state(device: torch.device) -> dict[str, torch.Tensor]:

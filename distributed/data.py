@@ -5,10 +5,11 @@ That replaces the per-sample PIL -> ToTensor -> Normalize path, which costs ~7x 
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 from torch.utils.data.distributed import DistributedSampler
@@ -89,8 +90,9 @@ def folder_path(dataset: str) -> Path | None:
 
 
 def task_of(dataset: str, task: str) -> Task:
-    """MNIST's tasks by name; any other dataset's task is its own classes (a folder's: its sub-folders)."""
-    if task in TASKS:
+    """The dataset decides: MNIST's tasks by name; any other dataset learns its own classes (a folder's: its
+    sub-folders), whatever its task is called (a folder named "binary" is not MNIST's binary task)."""
+    if dataset == "mnist":
         return TASKS[task]
     folder = folder_path(dataset)
     if folder is not None:
@@ -98,7 +100,7 @@ def task_of(dataset: str, task: str) -> Task:
         try:
             classes = classes_of(folder)
         except FolderError as e:
-            raise DataError(str(e)) from None
+            raise DataError(f"--dataset {e}") from None
         return Task(task, classes, tuple(range(len(classes))))
     ds = DATASETS[dataset]
     return Task(ds.name, ds.classes, tuple(range(len(ds.classes))))
@@ -124,6 +126,40 @@ class Split:
 
     def subset(self, index: torch.Tensor) -> "Split":
         return Split(self.images[index], self.labels[index], self.mean, self.std)
+
+
+def split_digest(images: torch.Tensor, labels: torch.Tensor) -> str:
+    """sha256 of uint8 images and int64 class labels: equal digests are the same images with the same labels."""
+    h = hashlib.sha256()
+    for t in (images, labels.to(torch.int64)):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{t.dtype}{tuple(t.shape)}:".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def fingerprint(train: Split, val: Split, test: Split, num_classes: int) -> dict[str, Any]:
+    """What a run trains and is scored on, for its checkpoints: a resume on other data is refused, and export
+    compares accuracies only on the very test split the run was scored on."""
+    counts = lambda labels: torch.bincount(labels.cpu(), minlength=num_classes).tolist()  # noqa: E731
+    return {"digest": hashlib.sha256("".join(split_digest(s.images, s.labels) for s in (train, val, test))
+                                     .encode()).hexdigest(),
+            "test_digest": split_digest(test.images, test.labels),
+            "train_counts": [a + b for a, b in zip(counts(train.labels), counts(val.labels))],
+            "test_counts": counts(test.labels)}
+
+
+def data_changes(saved: dict[str, Any], now: dict[str, Any], classes: tuple[str, ...]) -> str:
+    """In words, how the data `now` differs from the `saved` fingerprint (empty when it is the same)."""
+    if saved.get("digest") == now["digest"]:
+        return ""
+    changes = [f"class {classes[c]!r} {split} images {a:,} -> {b:,}"
+               for split in ("train", "test")
+               for c, (a, b) in enumerate(zip(saved.get(f"{split}_counts", []), now[f"{split}_counts"])) if a != b]
+    if len(saved.get("train_counts", [])) != len(now["train_counts"]):
+        changes.insert(0, f"{len(saved.get('train_counts', []))} classes -> {len(now['train_counts'])}")
+    shown = "; ".join(changes[:4]) + (f"; {len(changes) - 4} more" if len(changes) > 4 else "")
+    return shown or "the same number of images per class, but other images or another split"
 
 
 def to_unit(images: torch.Tensor) -> torch.Tensor:
@@ -239,7 +275,7 @@ def read_dataset(root: str | Path, dataset: str) -> tuple[torch.Tensor, torch.Te
     try:
         data = load_folder(folder)
     except FolderError as e:
-        raise DataError(str(e)) from None
+        raise DataError(f"--dataset {e}") from None
     n = len(data.train_labels) + len(data.test_labels)
     notes = [f"{folder}: {n:,} images ({len(data.train_labels):,} train, {len(data.test_labels):,} test) "
              + ("from its cache" if data.from_cache else "decoded and cached")]

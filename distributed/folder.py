@@ -54,11 +54,11 @@ def class_folders(folder: Path) -> list[str]:
 def classes_of(root: Path) -> tuple[str, ...]:
     """The class names: the sub-folders (of train/ when the folder has train/ and test/)."""
     if not root.is_dir():
-        raise FolderError(f"--dataset folder:{root}: no such folder")
+        raise FolderError(f"folder:{root}: no such folder")
     base = root / "train" if split_folders(root) else root
     classes = class_folders(base)
     if len(classes) < 2:
-        raise FolderError(f"--dataset folder:{root} needs one sub-folder per class (at least 2), "
+        raise FolderError(f"folder:{root} needs one sub-folder per class (at least 2), "
                           f"found {len(classes)}: put each class's images in {base}/CLASS_NAME/")
     return tuple(classes)
 
@@ -96,7 +96,7 @@ def load_folder(root: Path) -> FolderData:
     classes = classes_of(root)
     files = listing(root, classes)
     if not files:
-        raise FolderError(f"--dataset folder:{root} holds no image files in its class folders")
+        raise FolderError(f"folder:{root} holds no image files in its class folders")
     # One digest of every file's path, label, split, size and mtime: loading a cache of 70,000 files stays fast.
     key = hashlib.sha256(json.dumps(files).encode()).hexdigest()
     cache = root / CACHE_NAME
@@ -118,7 +118,7 @@ def load_folder(root: Path) -> FolderData:
         labels.append(label)
         tests.append(test)
     if not images:
-        raise FolderError(f"--dataset folder:{root}: none of its {len(files)} image files could be read "
+        raise FolderError(f"folder:{root}: none of its {len(files)} image files could be read "
                           f"(first: {skipped[0][0]}: {skipped[0][1]})")
     saved = {"version": CACHE_VERSION, "files": key, "classes": list(classes),
              "images": torch.from_numpy(np.stack(images)), "labels": torch.tensor(labels, dtype=torch.int64),

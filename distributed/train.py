@@ -25,8 +25,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from . import checkpoint, dist
 from .checkpoint import CheckpointError
 from .config import TrainConfig, parse_args
-from .data import (DataError, Split, epoch_batches, eval_shard, images_seen, load_data, make_sampler,
-                   steps_per_epoch, task_of)
+from .data import (DataError, Split, data_changes, epoch_batches, eval_shard, fingerprint, images_seen, load_data,
+                   make_sampler, steps_per_epoch, task_of)
 from .engine import EvalResult, amp_dtype, evaluate, make_scaler, synchronize, train_step
 from .files import RunDirError, lock_run_dir
 from .models import build_model, to_device
@@ -111,7 +111,15 @@ class Trainer:
             state = checkpoint.resume_state(cfg, self.ckpt_dir / "last.pt")
         with self.phases("data"):
             self.train, self.val, self.test, data_notes = load_data(cfg, self.task, env)
+            self.data = fingerprint(self.train, self.val, self.test, self.task.num_classes)
+        if state is not None and state.get("data"):
+            changed = data_changes(state["data"], self.data, self.task.classes)
+            if changed:  # another split, another validation set: not the run the checkpoint belongs to
+                raise CheckpointError(f"{self.ckpt_dir / 'last.pt'} was trained on other data ({cfg.dataset} "
+                                      f"changed: {changed}): restore the data, or start over with --no-resume "
+                                      f"or another --run-dir")
         self.dtype = amp_dtype(cfg.amp, env.device)
+        self.amp = str(self.dtype or "off").replace("torch.", "")  # as the checkpoint and metrics name it
 
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank (DDP also broadcasts rank 0's)
         self.model = to_device(build_model(cfg.model, self.task.num_classes), env.device, cfg.channels_last)
@@ -158,7 +166,8 @@ class Trainer:
                 "scaler": self.scaler.state_dict(), "config": self.cfg.to_dict(),
                 "classes": list(self.task.classes), "world_size": self.env.world_size, "rng": rng,
                 "normalization": {"mean": self.train.mean, "std": self.train.std},
-                "run": asdict(self.run), "metrics": self.record}
+                "run": asdict(self.run), "metrics": self.record, "amp": self.amp,
+                "data": self.data}
 
     def load_state_dict(self, state: dict[str, Any], path: Path) -> bool:
         """Restore a checkpoint; True when the epoch restarts with a re-fitted schedule (a new shape of run)."""
@@ -313,8 +322,7 @@ class Trainer:
     def finish(self, test: EvalResult, val: EvalResult | None) -> dict[str, Any]:
         with self.phases("checkpoints/logging"):
             fingerprints = dist.all_gather_objects(dist.weights_fingerprint(self.model), self.env)
-            amp = str(self.dtype or "off").replace("torch.", "")
-            metrics = final_metrics(self.cfg, self.env, self.task, self.run, amp, test, val, fingerprints,
+            metrics = final_metrics(self.cfg, self.env, self.task, self.run, self.amp, test, val, fingerprints,
                                     self.phases.snapshot())
             self.report.finished(metrics, test, self.model, self.test)
             return metrics

@@ -45,7 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--checkpoint", help="a checkpoint file (best.pt or last.pt)")
     src.add_argument("--verify", metavar="DIR", help="re-check an export dir: sha256s, then output parity")
     p.add_argument("--out-dir", help="where the artifacts go (default: RUN_DIR/export)")
-    p.add_argument("--data-dir", help="MNIST root for the parity set (default: the checkpoint's --data-dir)")
+    p.add_argument("--data-dir", help="where the parity set's test images are: the dataset root (as the trainer's "
+                                      "--data-dir), or the image folder of a folder:PATH dataset (default: the "
+                                      "checkpoint's)")
     p.add_argument("--atol", type=NON_NEGATIVE, default=1e-4, help="max |logit difference| any runtime may show")
     p.add_argument("--batch-sizes", default="1,7,1000", help="batch sizes the parity gate runs at")
     p.add_argument("--opset", type=number_in(int, 18, 23), default=DEFAULT_OPSET, help="ONNX opset")
@@ -107,17 +109,31 @@ def write_artifacts(model: Any, files: dict[str, Path], opset: int) -> dict[str,
             "exported_program": file_entry(files["exported_program"])}
 
 
-def check_parity(model: Any, files: dict[str, Path], dataset: str, task: str, data_dir: str | None,
+def check_parity(model: Any, files: dict[str, Path], info: dict[str, Any], data_dir: str | None,
                  batch_sizes: list[int], atol: float, failed: str) -> dict[str, Any]:
     """The gate: every artifact file against the eager model; prints the table, raises ParityError starting
-    with `failed` when any runtime is off."""
-    images, labels, described = parity_set(data_dir, dataset, task)
-    report = parity_report(eager_runtime(model), load_runtimes(files), images, labels, batch_sizes, atol)
-    print(f"parity on {described}, batch sizes {batch_sizes}:")
+    with `failed` when any runtime is off, or when the eager model does not score what the checkpoint
+    recorded on the very test split the run was scored on (its weights are then not the ones it was saved with)."""
+    data = parity_set(data_dir or info["data_dir"], info["dataset"], info["task"], info["classes"])
+    report = parity_report(eager_runtime(model), load_runtimes(files), data.images, data.labels, batch_sizes, atol)
+    print(f"parity on {data.described}, batch sizes {batch_sizes}:")
     print(format_report(report))
     if not report["passed"]:
         raise ParityError(f"{failed}: " + "; ".join(failures(report)))
-    return {"dataset": described, **report}
+    same_set = data.digest is not None and data.digest == info["test_digest"] and info["scored"]
+    if same_set:
+        check_recorded_accuracy(info, report["runtimes"]["eager"]["accuracy"], report["count"], failed)
+    return {"dataset": data.described, "training_test_set": same_set, **report}
+
+
+def check_recorded_accuracy(info: dict[str, Any], accuracy: float, count: int, failed: str) -> None:
+    """Autocast on the GPU may flip a few near-ties; in fp32 only kernel order differs (an image or two)."""
+    recorded = info["metrics"].get("test_accuracy")
+    allowed = max(2 / count, 2e-4) if info["amp"] == "off" else max(5 / count, 3e-3)
+    if recorded is not None and abs(accuracy - recorded) > allowed:
+        raise ParityError(f"{failed}: the checkpoint records test accuracy {recorded:.2%}, but its weights score "
+                          f"{accuracy:.2%} on the same {count} test images: they are not the weights it was "
+                          f"saved with; export another checkpoint or train again")
 
 
 def previous_export(out_dir: Path) -> dict[str, Any] | None:
@@ -149,7 +165,7 @@ def export_checkpoint(checkpoint: Path, out_dir: Path, data_dir: str | None, bat
     try:
         files = {kind: staging / name for kind, name in ARTIFACT_FILES.items()}
         artifacts = write_artifacts(model, files, opset)
-        parity = check_parity(model, files, info["dataset"], info["task"], data_dir or info["data_dir"], batch_sizes, atol,
+        parity = check_parity(model, files, info, data_dir, batch_sizes, atol,
                               failed="parity gate failed, nothing exported")
         reference = eager_runtime(model)(probe_images(PROBE_SEED, PROBE_COUNT)).tolist()
         manifest = build_manifest(info, checkpoint, artifacts, parity, reference)
@@ -192,8 +208,7 @@ def verify(directory: Path, data_dir: str | None, batch_sizes: list[int], atol: 
     source = Path(manifest["source"]["checkpoint"])
     if source.is_file() and sha256_file(source) == manifest["source"]["sha256"]:
         model, info = load_for_export(source)
-        check_parity(model, files, info["dataset"], info["task"], data_dir or info["data_dir"], batch_sizes, atol,
-                     failed=f"{directory}: parity gate failed")
+        check_parity(model, files, info, data_dir, batch_sizes, atol, failed=f"{directory}: parity gate failed")
     else:
         print(f"source checkpoint {source} not available: full parity not rerun")
     return manifest

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -54,31 +55,54 @@ def run_batched(runtime: Runner, images: np.ndarray, batch_size: int) -> np.ndar
     return np.concatenate([runtime(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
 
 
-def parity_set(data_dir: str | None, dataset: str, task: str,
-               random_count: int = 1000) -> tuple[np.ndarray, np.ndarray | None, str]:
-    """The dataset's test images in [0, 1] (with task labels) when its files are in data_dir, else seeded
-    random images."""
-    images_folder = folder_path(dataset)
-    if images_folder is not None:
-        from distributed.data import to_unit
-        from distributed.folder import CACHE_NAME, load_folder
-        if (images_folder / CACHE_NAME).is_file():  # the folder as the trainer saw it
-            data = load_folder(images_folder)
-            x = to_unit(data.test_images).numpy()
-            return x, data.test_labels.numpy(), f"the test split of {images_folder} ({len(x)} images)"
-        return (probe_images(0, random_count), None,
-                f"seeded uniform random images ({random_count}), {images_folder} not found")
+@dataclass(frozen=True)
+class ParitySet:
+    images: np.ndarray  # float32 [N, 1, 28, 28] in [0, 1]
+    labels: np.ndarray | None  # class labels, when these are a dataset's test images
+    described: str  # for the user and the manifest
+    digest: str | None = None  # data.split_digest of the test split: equal to the run's when it was scored on it
+
+
+def random_set(why: str, count: int = 1000) -> ParitySet:
+    return ParitySet(probe_images(0, count), None, f"seeded uniform random images ({count}), {why}")
+
+
+def parity_set(data_dir: str | None, dataset: str, task: str, classes: list[str]) -> ParitySet:
+    """The dataset's test split in [0, 1] with its labels when `data_dir` (the MNIST-format root, or the image
+    folder of a folder dataset) holds it; else seeded random images, saying why and how to point at the data."""
+    from distributed.data import split_digest, to_unit
+    if folder_path(dataset) is not None:
+        return folder_set(Path(data_dir) if data_dir else folder_path(dataset), classes)
     folder = DATASETS[dataset].folder
     raw = Path(data_dir) / folder / "raw" if data_dir else None
-    if raw is not None and any(raw.glob(DATASETS[dataset].file(False, "images") + "*")):
-        from distributed.data import read_mnist, to_unit
-        images, digits = read_mnist(data_dir, False, dataset)
-        labels = task_of(dataset, task).map_labels(digits).numpy()
-        x = to_unit(images).numpy()
-        name = "MNIST" if dataset == "mnist" else folder
-        return x, labels, f"{name} test set in {data_dir} ({len(x)} images)"
-    return (probe_images(0, random_count), None,
-            f"seeded uniform random images ({random_count}), no {folder} in {data_dir}")
+    if raw is None or not any(raw.glob(DATASETS[dataset].file(False, "images") + "*")):
+        return random_set(f"no {folder} in {data_dir} (--data-dir DIR points at the dataset root)")
+    from distributed.data import read_mnist
+    images, digits = read_mnist(data_dir, False, dataset)
+    labels = task_of(dataset, task).map_labels(digits)
+    name = "MNIST" if dataset == "mnist" else folder
+    return ParitySet(to_unit(images).numpy(), labels.numpy(), f"{name} test set in {data_dir} ({len(images)} images)",
+                     split_digest(images, labels))
+
+
+def folder_set(folder: Path, classes: list[str]) -> ParitySet:
+    """A folder dataset's test split, decoded as the trainer did; random images when the folder is gone or
+    no longer holds the classes the model was trained on."""
+    from distributed.data import split_digest, to_unit
+    from distributed.folder import FolderError, load_folder
+    point = "--data-dir FOLDER points at the image folder"
+    if not folder.is_dir():
+        return random_set(f"image folder {folder} not found ({point})")
+    try:
+        data = load_folder(folder)
+    except FolderError as e:
+        return random_set(f"image folder {folder} is not usable ({e}; {point})")
+    if list(data.classes) != list(classes):
+        return random_set(f"image folder {folder} holds classes {', '.join(data.classes)[:80]}, not the model's "
+                          f"({point})")
+    x = to_unit(data.test_images).numpy()
+    return ParitySet(x, data.test_labels.numpy(), f"the test split of {folder} ({len(x)} images)",
+                     split_digest(data.test_images, data.test_labels))
 
 
 def compare(reference: np.ndarray, logits: np.ndarray, labels: np.ndarray | None) -> dict[str, Any]:

@@ -12,6 +12,7 @@ import itertools
 import json
 import os
 import signal
+import stat
 import sys
 import tempfile
 import time
@@ -93,18 +94,37 @@ def predict_rows(batch: list[Path], chunk: Chunk, model: LoadedModel | None, cla
     return rows
 
 
+class OutputError(OSError):
+    """Writing the rows failed (a full disk or device); the message says what became of --output."""
+
+
 @contextmanager
 def open_output(path: str | None) -> Iterator[TextIO]:
-    """stdout, or a temp file beside `path` that replaces it only when the run completes.
+    """stdout; or, for a regular file (or a link to one, which stays a link), a temp file beside the real file
+    that replaces it only when the run completes; or, for anything else (a device, a FIFO, /dev/fd/N), the
+    path itself, written through: replacing it would swap a system's device node for a file.
 
-    The temp file is made first, so an unwritable place fails before any work is done.
+    The output is opened first, so an unwritable place fails before any work is done.
     """
     if path is None:
         if hasattr(sys.stdout, "reconfigure"):  # file names that are not UTF-8 print as their bytes
             sys.stdout.reconfigure(errors="surrogateescape")
         yield sys.stdout
         return
-    target = Path(path)
+    if writes_through(Path(path)):
+        try:
+            stream = open(path, "w", errors="surrogateescape")
+        except OSError as e:
+            raise UsageError(f"--output {path}: cannot open ({e.strerror})") from None
+        try:
+            with stream:  # closing flushes: a full device fails here
+                yield stream
+        except BrokenPipeError:
+            raise
+        except OSError as e:
+            raise OutputError(e.errno, f"--output {path}: {e.strerror}; the rows may be incomplete") from None
+        return
+    target = real_file(path)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
     except OSError as e:
@@ -112,11 +132,44 @@ def open_output(path: str | None) -> Iterator[TextIO]:
     try:
         with os.fdopen(fd, "w", errors="surrogateescape") as stream:
             yield stream
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, stat.S_IMODE(target.stat().st_mode) if target.exists() else 0o644)
         os.replace(tmp, target)
+    except BrokenPipeError:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise OutputError(e.errno, f"{e.filename or path}: {e.strerror}; no --output file was written") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def writes_through(target: Path) -> bool:
+    """Whether --output is something other than a regular file: it is then written in place, never replaced.
+
+    Anything under /dev or /proc counts, whatever it points at: /dev/fd/1 may lead to the shell's redirect file,
+    which only the shell's open descriptor reaches."""
+    if str(target.absolute()).startswith(("/dev/", "/proc/")):
+        return True
+    try:
+        return not stat.S_ISREG(os.stat(target).st_mode)
+    except FileNotFoundError:  # a new file, or a link to one not made yet
+        return False
+    except OSError as e:  # a link loop
+        raise UsageError(f"--output {target}: cannot use it ({e.strerror})") from None
+
+
+def real_file(path: str) -> Path:
+    """The regular file --output names: a link is followed, so that the link stays and its target gets the rows."""
+    target = Path(path)
+    if target.is_symlink():
+        target = Path(os.path.realpath(target))
+    if target.exists() and not os.access(target, os.W_OK):
+        raise UsageError(f"--output {path} is read-only: make it writable or choose another file")
+    if not target.parent.is_dir():
+        raise UsageError(f"--output {path}: folder {target.parent} does not exist")
+    return target
 
 
 def check_output(output: str | None, inputs: list[str], recursive: bool) -> None:
@@ -263,9 +316,12 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted as e:
         print(f"serve_cli: interrupted by signal {e.signum}; no --output file was written", file=sys.stderr)
         return 128 + e.signum
-    except OSError as e:  # a full disk while writing rows
+    except OutputError as e:  # a full disk or device while writing rows
+        print(f"serve_cli: error: {e.strerror}", file=sys.stderr)
+        return 1
+    except OSError as e:  # stdout on a full disk
         where = f"{e.filename}: " if e.filename else ""
-        print(f"serve_cli: error: {where}{e.strerror or e}; no --output file was written", file=sys.stderr)
+        print(f"serve_cli: error: writing the rows: {where}{e.strerror or e}", file=sys.stderr)
         return 1
     finally:
         for signum, handler in previous.items():
