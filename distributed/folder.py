@@ -7,15 +7,21 @@ for every --seed). The validation split is then cut from the training images by 
 
 Every image goes through serve_cli's own preprocessing (`serve_cli.images.digit_bytes`), so training and
 serving see the same pixels by construction. The decoded images live in PATH/.mnist-ddp-cache.pt, valid
-while every file's relative path, size and mtime are unchanged; files that cannot be read are skipped and
-listed in it too.
+while every file's relative path, size and mtime are unchanged; files that cannot be read (not images,
+links to nothing or to themselves, pipes) are skipped and listed in it too.
+
+Refused, in one line: a class folder without images, a class without training images, train/ and test/
+with different classes, folders beside train/ and test/. Sub-folders inside a class folder are not read;
+they are named in a note.
 """
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import multiprocessing
 import os
+import signal
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,8 +34,10 @@ from serve_cli.images import IMAGE_SUFFIXES, digits_or_reasons
 from .files import atomic_write
 
 CACHE_NAME = ".mnist-ddp-cache.pt"
-CACHE_VERSION = 1
+CACHE_VERSION = 2
+CACHE_MAGIC = b"mnist-ddp folder cache\n"  # the first bytes of every cache we write: ours even when damaged
 TEST_EVERY = 6
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 
 class FolderError(ValueError):
@@ -45,21 +53,40 @@ class FolderData:
     test_labels: torch.Tensor
     skipped: tuple[tuple[str, str], ...]  # (relative path, reason) of files that are not usable images
     from_cache: bool
+    cache_note: str = ""  # what became of the cache, in words ("from its cache", "decoded and cached", ...)
 
 
 def class_folders(folder: Path) -> list[str]:
-    return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
+    return sorted(e.name for e in os.scandir(folder) if _is_dir(e) and not e.name.startswith("."))
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:  # a link loop: not a folder
+        return False
 
 
 def classes_of(root: Path) -> tuple[str, ...]:
-    """The class names: the sub-folders (of train/ when the folder has train/ and test/)."""
+    """The class names: the sub-folders (of train/ when the folder has train/ and test/, which must agree)."""
     if not root.is_dir():
         raise FolderError(f"folder:{root}: no such folder")
-    base = root / "train" if split_folders(root) else root
+    split = split_folders(root)
+    base = root / "train" if split else root
     classes = class_folders(base)
     if len(classes) < 2:
         raise FolderError(f"folder:{root} needs one sub-folder per class (at least 2), "
                           f"found {len(classes)}: put each class's images in {base}/CLASS_NAME/")
+    if split:
+        test, beside = class_folders(root / "test"), sorted(set(class_folders(root)) - {"train", "test"})
+        if test != classes:
+            only = lambda a, b: ", ".join(sorted(set(a) - set(b))[:5]) or "none"  # noqa: E731
+            raise FolderError(f"folder:{root}: train/ and test/ hold different classes (only in train/: "
+                              f"{only(classes, test)}; only in test/: {only(test, classes)}): give both the same "
+                              f"class folders")
+        if beside:
+            raise FolderError(f"folder:{root} has train/ and test/ and also {', '.join(beside[:5])}/ beside them: "
+                              f"move those into train/ and test/, or remove train/ and test/ to split by path hash")
     return tuple(classes)
 
 
@@ -71,23 +98,46 @@ def is_test(relative: str) -> bool:
     return int.from_bytes(hashlib.sha256(relative.encode()).digest()[:8], "big") % TEST_EVERY == 0
 
 
-def listing(root: Path, classes: tuple[str, ...]) -> list[tuple[str, int, bool, int, int]]:
-    """(relative path, label, is test, size, mtime_ns) of every image file, sorted."""
+def class_dirs(root: Path, classes: tuple[str, ...]) -> list[tuple[Path, int, bool | None]]:
+    """(folder, label, is test: None for the path-hash rule) of every class folder."""
     parts = [("train", False), ("test", True)] if split_folders(root) else [(None, None)]
+    return [((root / sub if sub else root) / name, label, test)
+            for sub, test in parts for label, name in enumerate(classes)]
+
+
+def listing(root: Path, classes: tuple[str, ...]) -> list[tuple[str, int, bool, int, int]]:
+    """(relative path, label, is test, size, mtime_ns) of every image file, sorted.
+
+    Every entry with an image suffix that is not a folder is listed, links to nothing, link loops and pipes
+    included (size and mtime -1 when they cannot be read): decoding skips them, and says why, by name."""
     files = []
-    for sub, test in parts:
-        base = root / sub if sub else root
-        for label, name in enumerate(classes):
-            folder = base / name
-            if not folder.is_dir():
+    for folder, label, test in class_dirs(root, classes):
+        for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+            if Path(entry.name).suffix.lower() not in IMAGE_SUFFIXES or _is_dir(entry):
                 continue
-            for entry in sorted(os.scandir(folder), key=lambda e: e.name):
-                if entry.is_file() and Path(entry.name).suffix.lower() in IMAGE_SUFFIXES:
-                    relative = os.path.relpath(entry.path, root)
-                    info = entry.stat()
-                    files.append((relative, label, is_test(relative) if test is None else test,
-                                  info.st_size, info.st_mtime_ns))
+            relative = os.path.relpath(entry.path, root)
+            try:
+                info = entry.stat()
+                size, mtime = info.st_size, info.st_mtime_ns
+            except OSError:
+                size = mtime = -1
+            files.append((relative, label, is_test(relative) if test is None else test, size, mtime))
     return files
+
+
+def nested_folders(root: Path, classes: tuple[str, ...]) -> list[str]:
+    """Sub-folders inside class folders (relative paths): their images are not read."""
+    return sorted(os.path.relpath(e.path, root) for folder, _, _ in class_dirs(root, classes)
+                  for e in os.scandir(folder) if _is_dir(e) and not e.name.startswith("."))
+
+
+def check_classes(root: Path, classes: tuple[str, ...], files: list[tuple[str, int, bool, int, int]]) -> None:
+    """Every class folder must hold images: a class without them could never be predicted."""
+    listed = {label for _, label, _, _, _ in files}
+    empty = [name for label, name in enumerate(classes) if label not in listed]
+    if empty:
+        raise FolderError(f"folder:{root}: class folder(s) {', '.join(empty[:5])} hold no image files: add images "
+                          f"or remove the folder(s)")
 
 
 def load_folder(root: Path) -> FolderData:
@@ -95,19 +145,16 @@ def load_folder(root: Path) -> FolderData:
     root = root.resolve()
     classes = classes_of(root)
     files = listing(root, classes)
-    if not files:
-        raise FolderError(f"folder:{root} holds no image files in its class folders")
+    check_classes(root, classes, files)
     # One digest of every file's path, label, split, size and mtime: loading a cache of 70,000 files stays fast.
     key = hashlib.sha256(json.dumps(files).encode()).hexdigest()
     cache = root / CACHE_NAME
-    ours = not cache.exists()  # a file of that name we did not write is never replaced
-    if cache.is_file():
+    saved, ours = read_cache(cache)
+    if saved is not None and saved.get("version") == CACHE_VERSION and saved.get("files") == key \
+            and saved.get("classes") == list(classes):
         try:
-            saved = torch.load(cache, weights_only=True)
-            ours = isinstance(saved, dict) and "version" in saved and "files" in saved
-            if saved.get("version") == CACHE_VERSION and saved["files"] == key and saved["classes"] == list(classes):
-                return unpack(saved, classes, from_cache=True)
-        except Exception:  # unreadable, damaged or foreign: not trusted (and, if foreign, not replaced)
+            return check_trainable(root, unpack(saved, classes, from_cache=True, note="from its cache"))
+        except (ValueError, KeyError, TypeError):  # damaged inside: decode again, and repair it below
             pass
     images, labels, tests, skipped = [], [], [], []
     for (relative, label, test, _, _), result in zip(files, decode_all([root / f[0] for f in files])):
@@ -123,33 +170,86 @@ def load_folder(root: Path) -> FolderData:
     saved = {"version": CACHE_VERSION, "files": key, "classes": list(classes),
              "images": torch.from_numpy(np.stack(images)), "labels": torch.tensor(labels, dtype=torch.int64),
              "test": torch.tensor(tests, dtype=torch.bool), "skipped": [list(s) for s in skipped]}
-    if ours:
+    note = write_cache(cache, saved) if ours else f"decoded; not cached: {cache} is a file this tool did not write"
+    return check_trainable(root, unpack(saved, classes, from_cache=False, note=note))
+
+
+def read_cache(cache: Path) -> tuple[dict | None, bool]:
+    """(the cache's contents or None, whether the file may be replaced: absent, or written by us)."""
+    if not cache.exists() and not cache.is_symlink():
+        return None, True
+    if not cache.is_file() or cache.is_symlink():
+        return None, False  # a folder, a link, a pipe of that name: not ours
+    try:
+        data = cache.read_bytes()
+    except OSError:
+        return None, False
+    if data.startswith(CACHE_MAGIC):
         try:
-            atomic_write(cache, lambda tmp: torch.save(saved, tmp))
-        except OSError:  # a read-only folder: train anyway, decoding again next time
-            pass
-    return unpack(saved, classes, from_cache=False)
+            saved = torch.load(io.BytesIO(data[len(CACHE_MAGIC):]), weights_only=True)
+        except Exception:  # damaged: ours all the same, repaired by the next write
+            return None, True
+        return (saved if isinstance(saved, dict) else None), True
+    try:  # version 1 wrote the torch file alone
+        saved = torch.load(io.BytesIO(data), weights_only=True)
+    except Exception:
+        return None, False
+    ours = isinstance(saved, dict) and "version" in saved and "files" in saved
+    return (saved if ours else None), ours
+
+
+def write_cache(cache: Path, saved: dict) -> str:
+    """Write the cache atomically; says what happened, for the user (a read-only folder is not an error)."""
+    buffer = io.BytesIO()
+    torch.save(saved, buffer)
+    try:
+        atomic_write(cache, lambda tmp: tmp.write_bytes(CACHE_MAGIC + buffer.getvalue()))
+    except OSError as e:
+        return f"decoded; not cached: cannot write {cache} ({e.strerror})"
+    return "decoded and cached"
 
 
 def decode_all(paths: list[Path], chunk: int = 500) -> list[np.ndarray | str]:
     """Every file through serve_cli's preprocessing, in a pool of torch-free processes (one per core).
 
-    "spawn": a fork of a process that holds torch's thread pools can deadlock; the children import only
-    serve_cli.images (numpy and Pillow)."""
+    "spawn": a fork of a process that holds torch's thread pools can deadlock. The children start with the stop
+    signals blocked (the mask survives exec) and never unblock them: a Ctrl-C, which reaches the whole process
+    group, is the parent's to handle, and stops the pool after the chunks in hand."""
     workers = min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1,
                   -(-len(paths) // chunk))
     chunks = [paths[i:i + chunk] for i in range(0, len(paths), chunk)]
     if workers <= 1:
         return [r for c in chunks for r in digits_or_reasons(c)]
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return [r for part in pool.map(digits_or_reasons, chunks) for r in part]
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    try:
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            futures = [pool.submit(digits_or_reasons, c) for c in chunks]  # the workers start here
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)  # a signal that came meanwhile is delivered now
+        return [r for future in futures for r in future.result()]
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    finally:
+        pool.shutdown(wait=True)
 
 
-def unpack(saved: dict, classes: tuple[str, ...], from_cache: bool) -> FolderData:
+def unpack(saved: dict, classes: tuple[str, ...], from_cache: bool, note: str) -> FolderData:
     test, images, labels = saved["test"], saved["images"], saved["labels"]
     n = len(labels)
     if not (images.dtype == torch.uint8 and images.shape[1:] == (28, 28) and len(images) == n == len(test)
             and test.dtype == torch.bool and (n == 0 or 0 <= int(labels.min()) <= int(labels.max()) < len(classes))):
         raise ValueError("cache does not match its own schema")
     return FolderData(classes, images[~test], labels[~test], images[test], labels[test],
-                      tuple((a, b) for a, b in saved["skipped"]), from_cache)
+                      tuple((a, b) for a, b in saved["skipped"]), from_cache, note)
+
+
+def check_trainable(root: Path, data: FolderData) -> FolderData:
+    """Every class needs a training image, or the network could never learn to predict it."""
+    trained = torch.bincount(data.train_labels, minlength=len(data.classes))
+    missing = [data.classes[c] for c in torch.nonzero(trained == 0).flatten().tolist()]
+    if missing:
+        raise FolderError(f"folder:{root}: class(es) {', '.join(missing[:5])} have no usable training images "
+                          f"(unreadable, or all in the test split): add images")
+    return data

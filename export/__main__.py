@@ -23,6 +23,7 @@ import torch
 
 from distributed.checkpoint import CheckpointError
 from distributed.config import NON_NEGATIVE, number_in
+from distributed.data import folder_path
 from distributed.files import write_json
 
 from .formats import write_exported_program, write_onnx, write_torchscript
@@ -114,7 +115,9 @@ def check_parity(model: Any, files: dict[str, Path], info: dict[str, Any], data_
     """The gate: every artifact file against the eager model; prints the table, raises ParityError starting
     with `failed` when any runtime is off, or when the eager model does not score what the checkpoint
     recorded on the very test split the run was scored on (its weights are then not the ones it was saved with)."""
-    data = parity_set(data_dir or info["data_dir"], info["dataset"], info["task"], info["classes"])
+    # A folder dataset's images are in its folder:PATH; the others' under the trainer's --data-dir.
+    default = None if folder_path(info["dataset"]) is not None else info["data_dir"]
+    data = parity_set(data_dir or default, info["dataset"], info["task"], info["classes"])
     report = parity_report(eager_runtime(model), load_runtimes(files), data.images, data.labels, batch_sizes, atol)
     print(f"parity on {data.described}, batch sizes {batch_sizes}:")
     print(format_report(report))

@@ -230,7 +230,8 @@ def test_export_after_the_folder_moved_names_what_the_gate_needs(tmp_path: Path,
     capsys.readouterr()
     assert export(["--run-dir", str(run_dir), "--batch-sizes", "1,16"]) == 0
     out = capsys.readouterr().out
-    assert "Traceback" not in out and "--data-dir FOLDER" in out and "--dataset" not in out
+    assert "Traceback" not in out and "--dataset" not in out
+    assert f"image folder {folder.resolve()} is not usable" in out and "--data-dir FOLDER" in out
     folder.rename(moved)
     (tmp_path / "zero-moved").rename(moved / "zero")
     assert export(["--run-dir", str(run_dir), "--batch-sizes", "1,16", "--data-dir", str(moved)]) == 0
