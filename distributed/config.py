@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .data import DATASETS, FOLDER_PREFIX, TASKS, folder_path
-from .models import MODELS
+from .models import MODELS, build_model, has_batchnorm
 
 # The recipe of the source documents: torchvision MNIST, batch 64, SGD(lr=0.01, momentum=0.5).
 SEED_RECIPE = ["--optimizer", "sgd", "--lr", "0.01", "--momentum", "0.5",
@@ -48,6 +48,13 @@ NON_NEGATIVE = number_in(float, 0)
 FRACTION = number_in(float, 0, 1, high_open=True)  # [0, 1)
 
 
+def path_text(text: str) -> str:
+    """An argparse type: a path that is not empty (an empty one would mean the working directory)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path: name a folder (. for the working directory)")
+    return text
+
+
 def dataset_name(text: str) -> str:
     """An argparse type: a torchvision dataset's name or folder:PATH."""
     if text in DATASETS or (text.startswith(FOLDER_PREFIX) and len(text) > len(FOLDER_PREFIX)):
@@ -68,8 +75,9 @@ class TrainConfig:
                                   "datasets learn their own classes", choices=list(TASKS))
     model: str | None = _opt(None, "network from the registry (default: fastest for the task)")
     data_dir: str = _opt("data", "dataset root; the four IDX files go in DATA_DIR/MNIST/raw/ (FashionMNIST/raw/, "
-                                 "KMNIST/raw/ for the others; downloaded if absent)")
-    run_dir: str | None = _opt(None, "where checkpoints, TensorBoard events and metrics go (default: runs/TASK)")
+                                 "KMNIST/raw/ for the others; downloaded if absent)", type=path_text)
+    run_dir: str | None = _opt(None, "where checkpoints, TensorBoard events and metrics go (default: runs/TASK)",
+                               type=path_text)
     epochs: int = _opt(2, "number of passes over the training split", type=POSITIVE_INT)
     batch_size: int = _opt(64, "batch size PER RANK (global batch = this x world size)", type=POSITIVE_INT)
     optimizer: str = _opt("adam", "optimiser", choices=["sgd", "adam", "adamw"])
@@ -158,4 +166,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         parser.error(f"unknown --model {ns.model!r}: choose one of {', '.join(MODELS)}")
     if ns.task is not None and ns.dataset != "mnist":
         parser.error(f"--task {ns.task} is MNIST's; leave --task out to learn {ns.dataset}'s own classes")
-    return TrainConfig(**vars(ns))
+    cfg = TrainConfig(**vars(ns))
+    if cfg.batch_size == 1 and has_batchnorm(build_model(cfg.model, 2)):
+        parser.error(f"--batch-size 1: {cfg.model} has BatchNorm, which cannot train on one image at a time; "
+                     f"use --batch-size 2 or more, or a model without BatchNorm")
+    return cfg

@@ -277,12 +277,16 @@ def read_dataset(root: str | Path, dataset: str) -> tuple[torch.Tensor, torch.Te
     except FolderError as e:
         raise DataError(f"--dataset {e}") from None
     n = len(data.train_labels) + len(data.test_labels)
-    notes = [f"{folder}: {n:,} images ({len(data.train_labels):,} train, {len(data.test_labels):,} test) "
-             + ("from its cache" if data.from_cache else "decoded and cached")]
+    notes = [f"{folder}: {n:,} images ({len(data.train_labels):,} train, {len(data.test_labels):,} test), "
+             + data.cache_note]
     if data.skipped:
         shown = "; ".join(f"{path} ({reason})" for path, reason in data.skipped[:5])
         notes.append(f"{folder}: skipped {len(data.skipped)} file(s) that are not usable images: {shown}"
                      + (" ..." if len(data.skipped) > 5 else ""))
+    if data.nested:
+        notes.append(f"{folder}: not read: {len(data.nested)} sub-folder(s) inside class folders ("
+                     + ", ".join(data.nested[:5]) + (" ..." if len(data.nested) > 5 else "")
+                     + "): a class's images sit directly in its folder")
     return data.train_images, data.train_labels, data.test_images, data.test_labels, notes
 
 
@@ -314,20 +318,25 @@ def epoch_batches(sampler: DistributedSampler, epoch: int, batch_size: int,
     yield from index.split(batch_size)
 
 
-def steps_per_epoch(sampler: DistributedSampler, batch_size: int) -> int:
-    return -(-len(sampler) // batch_size)
+def steps_per_epoch(sampler: DistributedSampler, batch_size: int, drop_single: bool = False) -> int:
+    """Batches per rank per epoch; with `drop_single` (BatchNorm models) a last batch of one image is left out:
+    BatchNorm cannot normalise a batch of one."""
+    return -(-len(sampler) // batch_size) - (drop_single and len(sampler) % batch_size == 1 and len(sampler) > 1)
 
 
-def images_seen(sampler: DistributedSampler, batch_size: int, batches: int) -> int:
+def images_seen(sampler: DistributedSampler, batch_size: int, batches: int, drop_single: bool = False) -> int:
     """Distinct images all ranks trained on in an epoch's first `batches` batches.
 
     The sampler pads the split to a multiple of the world size by repeating its first indices; the
-    repeats are the last item of some ranks' shards, so they fall in the epoch's last batch.
+    repeats are the last item of some ranks' shards, so they fall in the epoch's last batch (which is the
+    one a BatchNorm model leaves out when it holds one image: then every image it trained on is distinct).
     """
+    steps = steps_per_epoch(sampler, batch_size, drop_single)
     per_rank = min(batches * batch_size, sampler.num_samples)
     padding = sampler.total_size - len(sampler.dataset)
-    done = batches >= steps_per_epoch(sampler, batch_size)
-    return per_rank * sampler.num_replicas - (padding if done else 0)
+    if batches >= steps and steps < steps_per_epoch(sampler, batch_size):  # the single last batch left out
+        return (sampler.num_samples - 1) * sampler.num_replicas
+    return per_rank * sampler.num_replicas - (padding if batches >= steps else 0)
 
 
 def eval_shard(n: int, rank: int, world_size: int, device: torch.device) -> torch.Tensor:

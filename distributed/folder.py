@@ -16,13 +16,14 @@ they are named in a note.
 """
 from __future__ import annotations
 
+import dataclasses
+import gc
 import hashlib
 import io
 import json
 import multiprocessing
 import os
 import signal
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +55,7 @@ class FolderData:
     skipped: tuple[tuple[str, str], ...]  # (relative path, reason) of files that are not usable images
     from_cache: bool
     cache_note: str = ""  # what became of the cache, in words ("from its cache", "decoded and cached", ...)
+    nested: tuple[str, ...] = ()  # sub-folders inside class folders, whose images are not read
 
 
 def class_folders(folder: Path) -> list[str]:
@@ -146,6 +148,10 @@ def load_folder(root: Path) -> FolderData:
     classes = classes_of(root)
     files = listing(root, classes)
     check_classes(root, classes, files)
+    return dataclasses.replace(decoded(root, classes, files), nested=tuple(nested_folders(root, classes)))
+
+
+def decoded(root: Path, classes: tuple[str, ...], files: list[tuple[str, int, bool, int, int]]) -> FolderData:
     # One digest of every file's path, label, split, size and mtime: loading a cache of 70,000 files stays fast.
     key = hashlib.sha256(json.dumps(files).encode()).hexdigest()
     cache = root / CACHE_NAME
@@ -170,8 +176,9 @@ def load_folder(root: Path) -> FolderData:
     saved = {"version": CACHE_VERSION, "files": key, "classes": list(classes),
              "images": torch.from_numpy(np.stack(images)), "labels": torch.tensor(labels, dtype=torch.int64),
              "test": torch.tensor(tests, dtype=torch.bool), "skipped": [list(s) for s in skipped]}
+    data = check_trainable(root, unpack(saved, classes, from_cache=False, note=""))  # before caching what fails
     note = write_cache(cache, saved) if ours else f"decoded; not cached: {cache} is a file this tool did not write"
-    return check_trainable(root, unpack(saved, classes, from_cache=False, note=note))
+    return dataclasses.replace(data, cache_note=note)
 
 
 def read_cache(cache: Path) -> tuple[dict | None, bool]:
@@ -210,29 +217,42 @@ def write_cache(cache: Path, saved: dict) -> str:
 
 
 def decode_all(paths: list[Path], chunk: int = 500) -> list[np.ndarray | str]:
-    """Every file through serve_cli's preprocessing, in a pool of torch-free processes (one per core).
+    """Every file through serve_cli's preprocessing, in a pool of processes (one per core).
 
-    "spawn": a fork of a process that holds torch's thread pools can deadlock. The children start with the stop
-    signals blocked (the mask survives exec) and never unblock them: a Ctrl-C, which reaches the whole process
-    group, is the parent's to handle, and stops the pool after the chunks in hand."""
+    "spawn": a fork of a process that holds torch's thread pools can deadlock. A Ctrl-C reaches the whole
+    process group: the workers ignore it (they start with the stop signals blocked, so not even their
+    start-up can be interrupted) and the parent, stopping, terminates them."""
     workers = min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1,
                   -(-len(paths) // chunk))
     chunks = [paths[i:i + chunk] for i in range(0, len(paths), chunk)]
     if workers <= 1:
         return [r for c in chunks for r in digits_or_reasons(c)]
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # inherited by the workers, across exec
     try:
-        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-        try:
-            futures = [pool.submit(digits_or_reasons, c) for c in chunks]  # the workers start here
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)  # a signal that came meanwhile is delivered now
-        return [r for future in futures for r in future.result()]
-    except BaseException:
-        pool.shutdown(wait=False, cancel_futures=True)
-        raise
+        pool = multiprocessing.get_context("spawn").Pool(workers, initializer=quiet_worker)
     finally:
-        pool.shutdown(wait=True)
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)  # a signal that came meanwhile is delivered now
+    try:
+        results = pool.map(digits_or_reasons, chunks)
+    except BaseException as e:
+        pool.terminate()
+        pool.join()
+        # The traceback's frames (inside Pool.map) and the pool's own cycles hold its semaphores: freed here, or
+        # a later os._exit leaves them to the resource tracker, which warns of "leaked semaphore objects".
+        error = e.with_traceback(None)
+        del e, pool
+        gc.collect()
+        raise error from None
+    pool.close()
+    pool.join()
+    return [r for part in results for r in part]
+
+
+def quiet_worker() -> None:
+    """A decoding worker: Ctrl-C is the parent's to handle; SIGTERM (the parent's terminate) ends it silently."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
 def unpack(saved: dict, classes: tuple[str, ...], from_cache: bool, note: str) -> FolderData:

@@ -106,6 +106,11 @@ MODELS: dict[str, Callable[[int], nn.Module]] = {
 }
 
 
+def has_batchnorm(model: nn.Module) -> bool:
+    """BatchNorm in training mode needs at least two values per channel: no batch of one image."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
 def build_model(name: str, num_classes: int) -> nn.Module:
     try:
         constructor = MODELS[name]

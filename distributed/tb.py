@@ -145,7 +145,7 @@ def note_image(text: str, font_size: int = 22) -> np.ndarray:
     return np.asarray(canvas)
 
 
-def confusion_image(matrix: torch.Tensor, classes: Sequence[str], cell: int = 44) -> np.ndarray:
+def confusion_image(matrix: torch.Tensor, classes: Sequence[str], cell: int = 44, title: str = "predicted") -> np.ndarray:
     """Rows are true classes, columns predicted; shade by row-normalised count, counts written in."""
     n = len(classes)
     margin = 56
@@ -163,7 +163,7 @@ def confusion_image(matrix: torch.Tensor, classes: Sequence[str], cell: int = 44
             draw.rectangle(box, fill=(shade, shade, 255))
             draw.text((box[0] + 4, box[1] + cell // 3), str(int(matrix[t, p])),
                       fill="white" if shade < 128 else "black", font=face)
-    draw.text((margin, 2), "predicted", fill="black", font=face)
+    draw.text((margin, 2), title, fill="black", font=face)
     return np.asarray(canvas)
 
 

@@ -29,17 +29,26 @@ from .data import (DataError, Split, data_changes, epoch_batches, eval_shard, fi
                    make_sampler, steps_per_epoch, task_of)
 from .engine import EvalResult, amp_dtype, evaluate, make_scaler, synchronize, train_step
 from .files import RunDirError, lock_run_dir
-from .models import build_model, to_device
+from .models import build_model, has_batchnorm, to_device
 from .optim import build_optimizer, build_scheduler
 from .report import Reporter, done_line, final_metrics
 from .timing import Phases
 
 STOP_CHECK_EVERY = 10  # steps between the ranks' agreement on a stop signal and a finite loss (a collective)
-EXIT_PREEMPTED = 128 + signal.SIGTERM
 
 
 class Preempted(Exception):
     """A stop signal arrived; a checkpoint was saved and the run can resume."""
+
+
+class Interrupted(BaseException):
+    """A stop signal before training began (set-up, data, a folder's decoding): nothing new to save.
+    A BaseException, as KeyboardInterrupt is: no `except Exception` on its way swallows it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"stopped by signal {signum} before training began; nothing new was saved: run the same "
+                         f"command again to start")
+        self.signum = signum
 
 
 class Diverged(RuntimeError):
@@ -51,11 +60,17 @@ USER_ERRORS = (DataError, CheckpointError, RunDirError, Diverged, dist.LaunchErr
 
 @dataclass
 class StopRequest:
-    """Set by the signal handler, read by the training loop: SLURM and Kubernetes stop jobs with SIGTERM."""
+    """Set by the signal handler, read by the training loop: SLURM and Kubernetes stop jobs with SIGTERM.
+
+    Before the loop starts there is nothing to save, so the handler stops the process at once (the data phase
+    may take a while: a folder's first decoding); once it runs, the ranks agree on a step to stop at together."""
     signal: int | None = None
+    training: bool = False
 
     def __call__(self, signum: int, frame: Any) -> None:
         self.signal = signum
+        if not self.training:
+            raise Interrupted(signum)
 
 
 @dataclass
@@ -126,7 +141,9 @@ class Trainer:
         torch.manual_seed(cfg.seed + env.rank)  # ranks drop out different units (a resume restores each rank's)
         self.sampler = make_sampler(len(self.train), env.rank, env.world_size, cfg.seed,
                                     shuffle=not cfg.overfit_batches)
-        self.steps_each_epoch = steps_per_epoch(self.sampler, cfg.batch_size)
+        # BatchNorm cannot train on one image: such a model leaves out an epoch's last batch when it holds one
+        self.drop_single = has_batchnorm(self.model)
+        self.steps_each_epoch = steps_per_epoch(self.sampler, cfg.batch_size, self.drop_single)
         self.optimizer = build_optimizer(cfg, self.model.parameters())
         self.scheduler = build_scheduler(cfg, self.optimizer, self.steps_each_epoch)
         self.scaler = make_scaler(env.device, self.dtype)
@@ -146,6 +163,9 @@ class Trainer:
         if env.is_main:
             for stale in self.ckpt_dir.glob(".*.tmp*"):  # a save killed half-way left its temp file
                 stale.unlink(missing_ok=True)
+        if self.steps_each_epoch < steps_per_epoch(self.sampler, cfg.batch_size):
+            data_notes.append(f"{cfg.model} has BatchNorm, which cannot train on one image: each epoch's last batch, "
+                              f"one image per rank, is left out ({env.world_size} of {len(self.train):,} images)")
         self.report.notes(data_notes)
         if refitted:
             self.report.refitted({"world_size": state["world_size"], **state["config"]})
@@ -217,12 +237,14 @@ class Trainer:
     def fit(self, stop_after_epoch: int | None = None) -> dict[str, Any]:
         """Train to cfg.epochs; returns the final metrics. `stop_after_epoch` stops early, as a preemption would."""
         test = val = None
+        self.stop.training = True
         while self.run.epoch < self.cfg.epochs:
             with self.phases("training"):
                 stopping = self.train_epoch()
             test, val = self.score_all()
             self.end_epoch(test, val)
-            if stopping:
+            # a signal during the evaluation: the epoch's checkpoint is saved, stop there
+            if stopping or dist.any_rank([self.stop.signal is not None], self.env)[0]:
                 raise Preempted(self.preempted_message())
             if stop_after_epoch is not None and self.run.epoch >= stop_after_epoch:
                 break
@@ -276,13 +298,15 @@ class Trainer:
         seconds = time.perf_counter() - segment.start
         loss = segment.loss_sum if segment.loss_sum is not None else torch.zeros((), device=self.env.device)
         loss_sum = dist.all_reduce_sum(loss.float().reshape(1).clone(), self.env).item() / self.env.world_size
-        images = (images_seen(self.sampler, self.cfg.batch_size, self.run.batch_in_epoch)
-                  - images_seen(self.sampler, self.cfg.batch_size, segment.first_batch))
+        images = self.images_done(self.run.batch_in_epoch) - self.images_done(segment.first_batch)
         run = self.run
         run.epoch_loss_sum += loss_sum
         run.epoch_seconds += seconds
         run.train_seconds += seconds
         run.train_images += images
+
+    def images_done(self, batches: int) -> int:
+        return images_seen(self.sampler, self.cfg.batch_size, batches, self.drop_single)
 
     def preempted_message(self) -> str:
         return (f"stopped by signal {self.stop.signal} at epoch {self.run.epoch + (self.run.batch_in_epoch > 0)}, "
@@ -308,8 +332,7 @@ class Trainer:
         self.record = {"epoch": run.epoch, "step": run.step,
                        "train_loss": run.epoch_loss_sum / max(run.batch_in_epoch, 1),
                        "test_loss": test.loss, "test_accuracy": test.accuracy,
-                       "images_per_second": images_seen(self.sampler, self.cfg.batch_size, run.batch_in_epoch)
-                       / max(run.epoch_seconds, 1e-9),
+                       "images_per_second": self.images_done(run.batch_in_epoch) / max(run.epoch_seconds, 1e-9),
                        "epoch_seconds": run.epoch_seconds, "train_seconds": run.train_seconds}
         if val is not None:
             self.record.update(val_loss=val.loss, val_accuracy=val.accuracy)
@@ -350,7 +373,9 @@ def main(argv: list[str] | None = None) -> int:
         together = True
     except Preempted as e:
         together = True
-        return fail(str(e), EXIT_PREEMPTED, env)
+        return fail(str(e), 128 + (stop.signal or signal.SIGTERM), env)
+    except Interrupted as e:
+        return fail(str(e), 128 + e.signum, env)
     except USER_ERRORS as e:
         return fail(f"error: {e}", 1, env)
     except OSError as e:  # a full disk or a vanished folder while writing: the last checkpoint is intact
@@ -373,8 +398,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def fail(message: str, code: int, env: dist.DistEnv | None) -> int:
-    """One line on stderr, from rank 0 alone (every rank hits the same error)."""
-    if env is None or env.is_main:
+    """One line on stderr, from rank 0 alone (every rank hits the same error, also before the process group)."""
+    if (env.rank if env is not None else int(os.environ.get("RANK", "0"))) == 0:
         print(message, file=sys.stderr, flush=True)
     return code
 

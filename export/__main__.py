@@ -10,6 +10,7 @@ import argparse
 import os
 import platform
 import shutil
+import signal
 import sys
 import tempfile
 from datetime import datetime, timezone
@@ -22,7 +23,7 @@ import onnxruntime
 import torch
 
 from distributed.checkpoint import CheckpointError
-from distributed.config import NON_NEGATIVE, number_in
+from distributed.config import NON_NEGATIVE, number_in, path_text
 from distributed.data import folder_path
 from distributed.files import write_json
 
@@ -33,6 +34,7 @@ from .parity import (ParityError, compare, eager_runtime, failures, format_repor
                      parity_set)
 from .wrap import load_for_export
 
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 DEFAULT_OPSET = 20
 PROBE_SEED, PROBE_COUNT = 0, 16
 ARTIFACT_FILES = {"onnx": "model.onnx", "torchscript": "model.ts", "exported_program": "model.pt2"}
@@ -42,13 +44,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m export", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--run-dir", help="training run dir: exports checkpoints/best.pt into RUN_DIR/export")
-    src.add_argument("--checkpoint", help="a checkpoint file (best.pt or last.pt)")
-    src.add_argument("--verify", metavar="DIR", help="re-check an export dir: sha256s, then output parity")
-    p.add_argument("--out-dir", help="where the artifacts go (default: RUN_DIR/export)")
-    p.add_argument("--data-dir", help="where the parity set's test images are: the dataset root (as the trainer's "
-                                      "--data-dir), or the image folder of a folder:PATH dataset (default: the "
-                                      "checkpoint's)")
+    src.add_argument("--run-dir", type=path_text,
+                     help="training run dir: exports checkpoints/best.pt into RUN_DIR/export")
+    src.add_argument("--checkpoint", type=path_text, help="a checkpoint file (best.pt or last.pt)")
+    src.add_argument("--verify", metavar="DIR", type=path_text,
+                     help="re-check an export dir: sha256s, then output parity")
+    p.add_argument("--out-dir", type=path_text, help="where the artifacts go (default: RUN_DIR/export)")
+    p.add_argument("--data-dir", type=path_text,
+                   help="where the parity set's test images are: the dataset root (as the trainer's --data-dir), "
+                        "or the image folder of a folder:PATH dataset (default: the checkpoint's)")
     p.add_argument("--atol", type=NON_NEGATIVE, default=1e-4, help="max |logit difference| any runtime may show")
     p.add_argument("--batch-sizes", default="1,7,1000", help="batch sizes the parity gate runs at")
     p.add_argument("--opset", type=number_in(int, 18, 23), default=DEFAULT_OPSET, help="ONNX opset")
@@ -182,7 +186,16 @@ def export_checkpoint(checkpoint: Path, out_dir: Path, data_dir: str | None, bat
 def install(staging: Path, out_dir: Path, manifest: dict[str, Any], old: dict[str, Any] | None) -> None:
     """Move the new files in one by one, the manifest last, then remove what the old manifest listed and the
     new one does not. Nothing else in out_dir is touched. Each rename is atomic; a reader that comes between
-    them sees a manifest whose hashes do not match and refuses, never a mix that answers."""
+    them sees a manifest whose hashes do not match and refuses, never a mix that answers. A stop signal waits
+    until the renames are done (they take milliseconds), so a stopped export is all old or all new."""
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        _install(staging, out_dir, manifest, old)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
+def _install(staging: Path, out_dir: Path, manifest: dict[str, Any], old: dict[str, Any] | None) -> None:
     out_dir.mkdir(exist_ok=True)
     ours = [entry["file"] for entry in manifest["artifacts"].values()]
     for name in ours + [MANIFEST]:
@@ -221,10 +234,34 @@ def human_size(n: int) -> str:
     return f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.0f} kB"
 
 
+class Stopped(BaseException):
+    """SIGINT or SIGTERM. A BaseException, as KeyboardInterrupt is: no `except Exception` on its way swallows it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def stop_now(signum: int, frame: object) -> None:
+    raise Stopped(signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     sizes = parse_batch_sizes(args.batch_sizes, parser)
+    previous = {signum: signal.signal(signum, stop_now) for signum in STOP_SIGNALS}
+    try:
+        return run(args, parser, sizes)
+    except Stopped as e:  # the staging dir is gone (finally); out-dir is as it was
+        print(f"error: stopped by signal {e.signum}; nothing was exported or changed", file=sys.stderr)
+        return 128 + e.signum
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser, sizes: list[int]) -> int:
     try:
         if args.verify:
             verify(Path(args.verify), args.data_dir, sizes, args.atol)
@@ -245,9 +282,6 @@ def main(argv: list[str] | None = None) -> int:
         where = f"{e.filename}: " if e.filename else ""
         print(f"error: {where}{e.strerror or e}; nothing was exported or changed", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("error: interrupted; nothing was exported or changed", file=sys.stderr)
-        return 130
     files = ", ".join(f"{e['file']} ({human_size(e['bytes'])})" for e in manifest["artifacts"].values())
     print(f"exported {manifest['model']['name']} ({manifest['model']['task']}) to {out_dir}: {files}, {MANIFEST}")
     return 0

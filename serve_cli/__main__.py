@@ -35,7 +35,7 @@ class UsageError(RuntimeError):
     """The command cannot do its job at all: exit 2 with one line."""
 
 
-class Interrupted(Exception):
+class Interrupted(BaseException):
     """SIGINT or SIGTERM: stop promptly, leave no partial output file."""
 
     def __init__(self, signum: int) -> None:

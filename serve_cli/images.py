@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import stat
+import warnings
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -95,7 +96,10 @@ def digit_bytes(path: Path) -> np.ndarray:
     """The file as an MNIST-style uint8 [28, 28] digit: the one preprocessing of serving and folder training."""
     check_regular(path)
     try:
-        with Image.open(path) as img:
+        with warnings.catch_warnings():  # the size is refused below in words of ours; Pillow's warning would leak
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)
+        with img:
             if img.width * img.height > Image.MAX_IMAGE_PIXELS:
                 raise ImageError(f"image too large ({img.width}x{img.height} pixels, limit "
                                  f"{Image.MAX_IMAGE_PIXELS:,})")

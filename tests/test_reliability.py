@@ -5,6 +5,7 @@ Each case checks the exit code, one error line without a traceback, and that no 
 from __future__ import annotations
 
 import os
+import signal
 import stat
 import subprocess
 import sys
@@ -248,3 +249,269 @@ def test_a_folder_named_like_an_mnist_task_learns_its_own_classes(tmp_path: Path
     cfg = parse_args(["--dataset", f"folder:{folder}"])
     task = task_of(cfg.dataset, cfg.task)
     assert task.classes == ("one", "zero") and task.map_labels(torch.tensor([0, 1])).tolist() == [0, 1]
+
+
+# -- 4. BatchNorm and a batch of one image ----------------------------------------------------------------
+
+def test_batchnorm_model_refuses_batch_size_one(capsys) -> None:
+    from distributed.config import parse_args
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--model", "recordnet", "--batch-size", "1", "--device", "cpu"])
+    assert e.value.code == 2 and "BatchNorm" in capsys.readouterr().err
+    assert parse_args(["--model", "mlp", "--batch-size", "1", "--device", "cpu"]).batch_size == 1
+
+
+def test_batchnorm_model_leaves_out_a_last_batch_of_one_image_at_two_ranks(synthetic_data: Path,
+                                                                          tmp_path: Path) -> None:
+    """129 training images over 2 ranks: 65 per rank (one a padded repeat), so batch 64 leaves 1 per rank."""
+    import json
+    from conftest import torchrun
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(torchrun(2, "--data-dir", str(synthetic_data), "--run-dir", str(run_dir), "--model",
+                                   "recordnet", "--val-size", str(640 - 129), "--epochs", "1", "--device", "cpu"),
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "recordnet has BatchNorm" in proc.stdout and "(2 of 129 images)" in proc.stdout
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["steps"] == 1 and metrics["train_images"] == 128  # 64 x 2, all distinct; the padding dropped
+
+
+# -- 5. a signal in every phase: one line, 128 + signal, nothing half-written --------------------------------
+
+def big_digit_folder(root: Path, per_class: int) -> Path:
+    """Large pictures (hard links of two files) that take a while to decode."""
+    from PIL import Image
+    from conftest import synthetic_digits
+    for c, name in enumerate(("zero", "one")):
+        (root / name).mkdir(parents=True)
+        first = root / name / "00000.png"
+        Image.fromarray(synthetic_digits(1, c)[0][0]).resize((600, 600)).save(first)
+        for i in range(1, per_class):
+            os.link(first, root / name / f"{i:05d}.png")
+    return root
+
+
+def decode_workers(root: int) -> bool:
+    """Whether a spawned decoding process runs below process `root` (torchrun starts its workers in sessions
+    of their own)."""
+    parents, commands = {}, {}
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parents[int(stat_file.parent.name)] = int(stat_file.read_text().rsplit(")", 1)[1].split()[1])
+            commands[int(stat_file.parent.name)] = (stat_file.parent / "cmdline").read_bytes()
+        except (OSError, ValueError, IndexError):
+            continue
+
+    def below(pid: int) -> bool:
+        while pid > 1:
+            pid = parents.get(pid, 0)
+            if pid == root:
+                return True
+        return False
+    return any(b"multiprocessing.spawn" in cmd and below(pid) for pid, cmd in commands.items())
+
+
+@pytest.mark.parametrize("launcher,signum", [("python", signal.SIGTERM), ("torchrun", signal.SIGINT)])
+def test_a_signal_while_a_folder_is_decoded_is_one_line(tmp_path: Path, launcher: str, signum: int) -> None:
+    import time
+    from conftest import torchrun
+    folder = big_digit_folder(tmp_path / "pics", 1500)
+    before = snapshot(folder)
+    args = folder_args(folder, tmp_path / "run", 1)
+    cmd = torchrun(2, *args) if launcher == "torchrun" else [sys.executable, "-m", "distributed.train", *args]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.time() + 120
+    while not decode_workers(proc.pid):
+        assert time.time() < deadline and proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    time.sleep(0.3)
+    if launcher == "torchrun":
+        os.killpg(proc.pid, signum)  # Ctrl-C: the whole foreground process group
+    else:
+        proc.send_signal(signum)  # kill PID: the trainer alone
+    out, err = proc.communicate(timeout=60)
+    # torchrun prints its own SignalException traceback; none may come from a worker or its decoding pool
+    ours = [f"distributed/{name}.py" for name in ("train", "folder", "data")]
+    assert "KeyboardInterrupt" not in err and "BrokenProcessPool" not in err and not any(o in err for o in ours), err
+    assert launcher == "torchrun" or "Traceback" not in err, err
+    stops = [line for line in err.splitlines() if "stopped by signal" in line]
+    assert stops == [f"stopped by signal {signum} before training began; nothing new was saved: run the "
+                     f"same command again to start"], err
+    if launcher == "python":
+        assert proc.returncode == 128 + signum
+    else:
+        assert proc.returncode != 0
+    assert snapshot(folder) == before  # no cache, no temp file
+    assert not decode_workers(proc.pid)
+
+
+def test_a_signal_during_the_last_evaluation_stops_with_the_epochs_checkpoint(synthetic_data: Path, tmp_path: Path,
+                                                                             monkeypatch) -> None:
+    from distributed import checkpoint, dist
+    from distributed.config import parse_args
+    from distributed.train import Preempted, StopRequest, Trainer, fit
+    stop = StopRequest()
+    score_all = Trainer.score_all
+
+    def signalled(self):  # SIGTERM arrives while the test set is scored
+        stop(signal.SIGTERM, None)
+        return score_all(self)
+    monkeypatch.setattr(Trainer, "score_all", signalled)
+    cfg = parse_args(["--data-dir", str(synthetic_data), "--run-dir", str(tmp_path), "--val-size", "64",
+                      "--epochs", "1", "--model", "mlp", "--device", "cpu"])
+    with pytest.raises(Preempted, match="stopped by signal 15 at epoch 1"):
+        fit(cfg, dist.setup("cpu"), stop=stop)
+    run = checkpoint.load(tmp_path / "checkpoints" / "last.pt")["run"]
+    assert run["epoch"] == 1 and run["batch_in_epoch"] == 0 and not (tmp_path / "metrics.json").exists()
+
+
+def test_a_signal_during_the_parity_gate_leaves_nothing(ddp_run: Path, tmp_path: Path) -> None:
+    import time
+    out_dir = tmp_path / "export"
+    proc = subprocess.Popen([sys.executable, "-m", "export", "--run-dir", str(ddp_run), "--out-dir", str(out_dir),
+                             "--batch-sizes", "1,2,3"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 120
+    while not list(tmp_path.glob(".export.staging-*/model.onnx")):  # the artifacts are written: the gate is next
+        assert time.time() < deadline and proc.poll() is None, proc.communicate()
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    one_error_line(err, "stopped by signal 15", "nothing was exported")
+    assert list(tmp_path.iterdir()) == []
+
+
+# -- 7. links and pipes in a class folder are skipped, counted and named -------------------------------------
+
+def test_odd_entries_in_a_class_folder_are_skipped_and_named(tmp_path: Path, capsys) -> None:
+    import json
+    from distributed.train import main as train
+    folder = digit_folder(tmp_path / "pics")
+    zero = folder / "zero"
+    (zero / "a.png").symlink_to(zero / "a.png")
+    (zero / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    os.mkfifo(zero / "pipe.png")
+    (zero / "dir.png").mkdir()  # a folder with an image's name: not an image, not listed
+    run_dir = tmp_path / "run"
+    assert train(folder_args(folder, run_dir, 1)) == 0
+    out = capsys.readouterr().out
+    line = next(line for line in out.splitlines() if "skipped" in line)
+    assert "skipped 3 file(s)" in line
+    assert "zero/a.png (cannot read (Too many levels of symbolic links))" in line
+    assert "zero/gone.png (no such file (or a link to nothing))" in line
+    assert "zero/pipe.png (not a regular file" in line
+    assert json.loads((run_dir / "metrics.json").read_text())["test_accuracy"] >= 0
+
+
+# -- 8. TensorBoard artifacts stay bounded however many classes ----------------------------------------------
+
+def test_three_hundred_classes_keep_every_tensorboard_artifact_bounded(tmp_path: Path) -> None:
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from conftest import synthetic_digits
+    from distributed.report import CURVE_CLASSES, MATRIX_CLASSES
+    from distributed.train import main as train
+    images, _ = synthetic_digits(600, seed=2)
+    root = tmp_path / "many"
+    for c in range(300):
+        for part, pictures in (("train", images[2 * c:2 * c + 2]), ("test", images[2 * c:2 * c + 1])):
+            (root / part / f"c{c:03d}").mkdir(parents=True)
+            for i, img in enumerate(pictures):
+                Image.fromarray(img).save(root / part / f"c{c:03d}" / f"{i}.png")
+    run_dir = tmp_path / "run"
+    assert train(["--dataset", f"folder:{root}", "--run-dir", str(run_dir), "--val-size", "0", "--epochs", "1",
+                  "--model", "mlp", "--device", "cpu"]) == 0
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "images": 0, "tensors": 0}).Reload()
+    matrix = acc.Images("test/confusion_matrix")[-1]
+    assert matrix.width <= 56 + 44 * MATRIX_CLASSES and matrix.height <= 56 + 44 * MATRIX_CLASSES
+    recall = [t for t in acc.Tags()["scalars"] if t.startswith("test_per_class/recall/")]
+    assert len(recall) == CURVE_CLASSES
+    assert len([t for t in acc.Tags()["tensors"] if t.startswith("pr/")]) == CURVE_CLASSES
+
+
+# -- 9. folder layouts: used by a documented rule, or refused in one line -------------------------------------
+
+@pytest.mark.parametrize("layout,needle", [
+    ("empty_class", "class folder(s) two hold no image files"),
+    ("different_classes", "train/ and test/ hold different classes (only in train/: one; only in test/: none)"),
+    ("beside", "has train/ and test/ and also extra/ beside them"),
+    ("no_training_image", "class(es) one have no usable training images"),
+])
+def test_folder_layouts_that_cannot_train_are_refused(tmp_path: Path, capsys, layout: str, needle: str) -> None:
+    from distributed.train import main as train
+    if layout == "empty_class":
+        folder = digit_folder(tmp_path / "pics")
+        (folder / "two").mkdir()
+    else:
+        folder = tmp_path / "pics"
+        digit_folder(folder / "train")
+        digit_folder(folder / "test")
+        if layout == "different_classes":
+            for path in (folder / "test" / "one").iterdir():
+                path.unlink()
+            (folder / "test" / "one").rmdir()
+        elif layout == "beside":
+            digit_folder(folder / "extra" / "x", per_class=2)
+        else:
+            for path in (folder / "train" / "one").iterdir():
+                path.write_bytes(b"not a picture")
+    before = snapshot(folder)
+    assert train(folder_args(folder, tmp_path / "run", 1)) == 1
+    one_error_line(capsys.readouterr().err, needle)
+    assert snapshot(folder) == before
+
+
+def test_nested_folders_in_a_class_folder_are_named(tmp_path: Path, capsys) -> None:
+    from distributed.train import main as train
+    folder = digit_folder(tmp_path / "pics")
+    digit_folder(folder / "zero" / "more", per_class=2)
+    assert train(folder_args(folder, tmp_path / "run", 1)) == 0
+    out = capsys.readouterr().out
+    assert "not read: 1 sub-folder(s) inside class folders (zero/more)" in out
+
+
+# -- 10. messages that say what happened --------------------------------------------------------------------
+
+def test_cache_messages_say_what_happened(tmp_path: Path, monkeypatch) -> None:
+    import distributed.folder as folder_module
+    from distributed.folder import CACHE_NAME, load_folder
+    folder = digit_folder(tmp_path / "pics", per_class=5)
+    cache = folder / CACHE_NAME
+
+    def read_only(path, write):
+        raise PermissionError(30, "Read-only file system", str(path))
+    with monkeypatch.context() as m:
+        m.setattr(folder_module, "atomic_write", read_only)
+        data = load_folder(folder)
+    assert not cache.exists() and data.cache_note.startswith(f"decoded; not cached: cannot write {cache.resolve()}")
+    assert load_folder(folder).cache_note == "decoded and cached" and load_folder(folder).from_cache
+    cache.write_bytes(cache.read_bytes()[:300])  # ours, damaged: repaired
+    assert load_folder(folder).cache_note == "decoded and cached"
+    assert load_folder(folder).cache_note == "from its cache"
+    cache.write_bytes(b"the user's own file")  # not ours: never replaced, and said so
+    assert "is a file this tool did not write" in load_folder(folder).cache_note
+    assert cache.read_bytes() == b"the user's own file"
+
+
+@pytest.mark.parametrize("cmd", [["-m", "distributed.train", "--run-dir", ""],
+                                 ["-m", "distributed.train", "--data-dir", " "],
+                                 ["-m", "export", "--run-dir", ""],
+                                 ["-m", "export", "--checkpoint", "x.pt", "--out-dir", ""]])
+def test_an_empty_path_is_a_usage_error(cmd: list[str], tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, *cmd], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 2 and "an empty path" in proc.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_huge_image_is_an_error_row_without_pillows_warning(exported_run: Path, tmp_path: Path) -> None:
+    from PIL import Image
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.new("1", (10000, 9000)).save(folder / "huge.png")  # 90 M pixels: just over Pillow's limit
+    proc = subprocess.run([sys.executable, "-m", "serve_cli", "predict", str(folder), "--model", str(exported_run)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "image too large" in proc.stdout
+    assert "DecompressionBomb" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
