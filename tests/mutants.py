@@ -21,7 +21,7 @@ MUTANTS: dict[str, tuple[str, str, str, str]] = {
                          "tests/test_torchrun.py -k record"),
     "eval_shard_unclamped": ("distributed/data.py", "torch.arange(min(rank, n), n", "torch.arange(rank, n",
                              "tests/test_torchrun.py -k three_ranks"),
-    "padding_counted": ("distributed/data.py", "- (padding if done else 0)", "- 0",
+    "padding_counted": ("distributed/data.py", "- (padding if batches >= steps else 0)", "- 0",
                         "tests/test_torchrun.py -k three_ranks"),
     "no_resume_ignored": ("distributed/checkpoint.py", "if cfg.resume is False or", "if False or",
                           "tests/test_train.py -k no_resume"),
@@ -75,6 +75,20 @@ MUTANTS: dict[str, tuple[str, str, str, str]] = {
                       "                for _ in range(0):", "tests/test_torchrun.py -k resume_from_two"),
     "rng_not_restored": ("distributed/train.py", "                checkpoint.set_rng_state(state[\"rng\"][self.env.rank], self.env.device)",
                          "                pass", "tests/test_train.py -k stop_mid_epoch"),
+    "checkpoint_digest_unchecked": ("distributed/checkpoint.py",
+                                    "if state[\"version\"] >= 3 and state.get(\"digest\") != content_digest(state):",
+                                    "if False:", "tests/test_reliability.py -k flipped"),
+    "recorded_accuracy_unchecked": ("export/__main__.py", "    if same_set:\n", "    if False:\n",
+                                    "tests/test_reliability.py -k recorded_accuracy"),
+    "resume_on_changed_data": ("distributed/train.py", "            if changed:", "            if False:",
+                               "tests/test_reliability.py -k changed_folder"),
+    "output_replaced": ("serve_cli/__main__.py", "    if writes_through(Path(path)):", "    if False:",
+                        "tests/test_reliability.py -k output"),
+    "batchnorm_single_kept": ("distributed/train.py", "self.steps_each_epoch = steps_per_epoch(self.sampler, cfg.batch_size, "
+                              "self.drop_single)", "self.steps_each_epoch = steps_per_epoch(self.sampler, cfg.batch_size)",
+                              "tests/test_reliability.py -k batch_of_one"),
+    "stop_ignored_in_evaluation": ("distributed/train.py", "if stopping or dist.any_rank([self.stop.signal is not None], "
+                                   "self.env)[0]:", "if stopping:", "tests/test_reliability.py -k last_evaluation"),
 }
 
 

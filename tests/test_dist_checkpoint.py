@@ -90,7 +90,7 @@ def test_missing_checkpoint(tmp_path: Path) -> None:
         checkpoint.load(tmp_path / "nope.pt")
 
 
-@pytest.mark.parametrize("version", [3, "2", None])
+@pytest.mark.parametrize("version", [4, "2", None])
 def test_future_or_foreign_version_is_refused(tmp_path: Path, version) -> None:
     torch.save({"version": version, "model": {}, "config": {}, "run": {}}, tmp_path / "v.pt")
     with pytest.raises(checkpoint.CheckpointError, match="checkpoint version"):

@@ -10,6 +10,7 @@ import onnx
 import pytest
 import torch
 
+from conftest import resave
 from distributed import checkpoint
 from distributed.data import TASKS
 from distributed.models import build_model
@@ -163,7 +164,7 @@ def test_unknown_model_name_in_config(synthetic_data, tmp_path: Path, capsys) ->
     path = make_checkpoint(tmp_path / "c.pt", "mlp", "digits", synthetic_data)
     state = torch.load(path, weights_only=True)
     state["config"]["model"] = "resnet152"
-    torch.save(state, path)
+    resave(path, state)
     assert main(["--checkpoint", str(path), "--out-dir", str(tmp_path / "e")]) == 1
     assert "names model 'resnet152'" in capsys.readouterr().err
 

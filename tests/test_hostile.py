@@ -20,7 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, synthetic_digits, write_synthetic_mnist
+from conftest import ROOT, resave, synthetic_digits, write_synthetic_mnist
 from distributed import checkpoint
 from distributed.train import main as train
 from export.__main__ import main as export
@@ -102,7 +102,7 @@ def test_nan_model_fails_the_gate(exported_run: Path, tmp_path: Path, capsys) ->
     state = torch.load(exported_run.parent / "checkpoints" / "best.pt", weights_only=True)
     first = next(k for k in state["model"] if k.endswith("weight"))
     state["model"][first] = torch.full_like(state["model"][first], float("nan"))
-    torch.save(state, tmp_path / "nan.pt")
+    resave(tmp_path / "nan.pt", state)
     assert export(["--checkpoint", str(tmp_path / "nan.pt"), "--out-dir", str(tmp_path / "e"),
                    "--batch-sizes", "1,64"]) == 1
     one_error_line(capsys.readouterr().err, "parity gate failed", "NaN or infinite logits")
@@ -308,7 +308,7 @@ def test_checkpoint_of_another_network_is_one_line(synthetic_data, tmp_path: Pat
     last = tmp_path / "checkpoints" / "last.pt"
     state = torch.load(last, weights_only=True)
     state["model"] = {"0.weight": torch.zeros(3, 3)}
-    torch.save(state, last)
+    resave(last, state)
     capsys.readouterr()
     assert train(train_args(synthetic_data, tmp_path, "--epochs", "2")) == 1
     one_error_line(capsys.readouterr().err, "does not fit this run")

@@ -139,7 +139,8 @@ def test_sigterm_exit_status_is_143(bigger_data, tmp_path: Path) -> None:
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err[-3000:]  # 128 + SIGTERM, as documented
     assert err.strip().splitlines()[-1].startswith("stopped by signal 15")
-    assert checkpoint.load(tmp_path / "checkpoints" / "last.pt")["run"]["step"] > first
+    # at a step of epoch 2, or at the end of epoch 1's evaluation if the signal came during it
+    assert checkpoint.load(tmp_path / "checkpoints" / "last.pt")["run"]["step"] >= first
 
 
 def test_two_nodes_on_one_machine(synthetic_data, tmp_path: Path) -> None:
