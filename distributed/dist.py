@@ -3,10 +3,19 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
+import subprocess
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+
+# How long a collective may wait for a peer: the first download of a dataset by local rank 0 (the others
+# wait in the next all-reduce) fits; a rank that died without torchrun noticing does not hold the rest forever
+# (gloo's own default is 30 minutes). A rank that fails alone in a save tells the others at once (all_ok).
+COLLECTIVE_TIMEOUT = timedelta(minutes=10)
 
 
 class LaunchError(RuntimeError):
@@ -20,6 +29,7 @@ class DistEnv:
     world_size: int
     local_world_size: int
     device: torch.device
+    warning: str = ""  # for the user, from rank 0 (a GPU that this torch build cannot use)
 
     @property
     def is_main(self) -> bool:
@@ -30,21 +40,51 @@ class DistEnv:
         return dist.is_available() and dist.is_initialized()
 
 
-def _env_int(name: str, default: int) -> int:
-    return int(os.environ.get(name, default))
+def env_int(name: str, default: int) -> int:
+    """A whole number from torchrun's environment; the default when it is absent or not a number."""
+    value = os.environ.get(name, "")
+    return int(value) if value.strip().lstrip("-").isdigit() else default
 
 
-def choose_device(flag: str, local_rank: int, local_world_size: int) -> torch.device:
-    if flag == "cpu" or (flag == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
+def choose_device(flag: str, local_rank: int, local_world_size: int) -> tuple[torch.device, str]:
+    """The rank's device, and a warning for the user ("" when there is none)."""
+    if flag == "cpu":
+        return torch.device("cpu"), ""
     if not torch.cuda.is_available():
-        raise LaunchError("--device cuda was asked for but no CUDA device is visible; use --device cpu")
+        unusable = unusable_gpus()
+        if flag == "cuda":
+            raise LaunchError(unusable or "--device cuda was asked for but no CUDA device is visible; use --device cpu")
+        return torch.device("cpu"), f"warning: {unusable}; training on the CPU" if unusable else ""
     gpus = torch.cuda.device_count()
     if local_world_size > gpus:
         raise LaunchError(
             f"{local_world_size} processes on this node but only {gpus} GPU(s) visible: "
             f"use --nproc_per_node={gpus}, or --device cpu to run every rank on the CPU")
-    return torch.device("cuda", local_rank)
+    return torch.device("cuda", local_rank), ""
+
+
+def unusable_gpus() -> str:
+    """Why torch sees no GPU where nvidia-smi sees some ("" when nvidia-smi sees none): a torch build for a
+    newer CUDA than the driver's, whose only sign from torch is a warning and is_available() being False."""
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return ""
+    try:
+        out = subprocess.run([smi, "--query-gpu=name,driver_version", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    gpus = [line.strip() for line in out.stdout.splitlines() if line.strip()]
+    if out.returncode != 0 or not gpus:
+        return ""
+    driver = gpus[0].rsplit(",", 1)[-1].strip()
+    major = int(driver.split(".")[0]) if driver.split(".")[0].isdigit() else 0
+    # The oldest driver of each CUDA major version that torch publishes wheels for (minor-version compatibility).
+    wheel = "cu130" if major >= 580 else "cu126" if major >= 525 else "cu118"
+    return (f"nvidia-smi sees {len(gpus)} GPU(s) ({gpus[0]}) but torch {torch.__version__} (built for CUDA "
+            f"{torch.version.cuda}) cannot use them: its driver {driver} is too old for that build; install "
+            f"torch for your driver (pip install torch --index-url https://download.pytorch.org/whl/{wheel}) "
+            f"or update the driver")
 
 
 def cpu_threads_per_rank(local_world_size: int) -> int:
@@ -54,10 +94,10 @@ def cpu_threads_per_rank(local_world_size: int) -> int:
 
 def setup(device_flag: str) -> DistEnv:
     """Read torchrun's environment (world size 1 without it) and join the process group."""
-    rank, world_size = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1)
-    local_rank = _env_int("LOCAL_RANK", 0)
-    local_world_size = _env_int("LOCAL_WORLD_SIZE", 1)
-    device = choose_device(device_flag, local_rank, local_world_size)
+    rank, world_size = env_int("RANK", 0), env_int("WORLD_SIZE", 1)
+    local_rank = env_int("LOCAL_RANK", 0)
+    local_world_size = env_int("LOCAL_WORLD_SIZE", 1)
+    device, warning = choose_device(device_flag, local_rank, local_world_size)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     else:
@@ -66,8 +106,8 @@ def setup(device_flag: str) -> DistEnv:
     if "RANK" in os.environ and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, store=attempt_store(), rank=rank, world_size=world_size,
-                                device_id=device if device.type == "cuda" else None)
-    return DistEnv(rank, local_rank, world_size, local_world_size, device)
+                                device_id=device if device.type == "cuda" else None, timeout=COLLECTIVE_TIMEOUT)
+    return DistEnv(rank, local_rank, world_size, local_world_size, device, warning)
 
 
 def attempt_store() -> dist.Store:

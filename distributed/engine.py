@@ -22,7 +22,8 @@ def amp_dtype(flag: str, device: torch.device) -> torch.dtype | None:
     if flag == "fp16":
         return torch.float16
     if flag == "auto" and device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        # Emulated bf16 (pre-Ampere) is slower than fp16 with a scaler: count only the hardware's own.
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     return None
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -49,8 +49,10 @@ class Reporter:
             self.logger.graph(model, example)
         self.logger.layout({"recall": [r"test_per_class/recall/.*"], "precision": [r"test_per_class/precision/.*"]})
 
-    def notes(self, lines: list[str]) -> None:
+    def notes(self, lines: list[str], warnings: Sequence[str] = ()) -> None:
         if self.active:
+            for line in warnings:
+                print(line, file=sys.stderr, flush=True)
             for line in lines:
                 print(line, flush=True)
 

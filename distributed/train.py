@@ -13,7 +13,7 @@ import signal
 import sys
 import time
 import warnings
-from contextlib import ExitStack
+from contextlib import ExitStack, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ from .report import Reporter, done_line, final_metrics
 from .timing import Phases
 
 STOP_CHECK_EVERY = 10  # steps between the ranks' agreement on a stop signal and a finite loss (a collective)
+FAIL_GRACE_SECONDS = 1.0  # how long the other ranks wait for rank 0 to report an error they all hit
 
 
 class Preempted(Exception):
@@ -166,7 +167,7 @@ class Trainer:
         if self.steps_each_epoch < steps_per_epoch(self.sampler, cfg.batch_size):
             data_notes.append(f"{cfg.model} has BatchNorm, which cannot train on one image: each epoch's last batch, "
                               f"one image per rank, is left out ({env.world_size} of {len(self.train):,} images)")
-        self.report.notes(data_notes)
+        self.report.notes(data_notes, warnings=[env.warning] if env.warning else [])
         if refitted:
             self.report.refitted({"world_size": state["world_size"], **state["config"]})
         resumed_at = None if state is None else (
@@ -222,16 +223,23 @@ class Trainer:
         return True
 
     def save_checkpoint(self, best: bool = False) -> None:
-        """Collective (buffers and RNG states of every rank), then rank 0 writes atomically."""
+        """Collective (buffers and RNG states of every rank), then rank 0 writes atomically; every rank learns
+        whether it could (a full disk on rank 0 would otherwise leave the others waiting in a collective)."""
         with self.phases("checkpoints/logging"):
             dist.sync_buffers(self.model, self.env)
             rng = dist.all_gather_objects(checkpoint.rng_state(self.env.device), self.env)
-            if not self.env.is_main:
-                return
-            state = self.state_dict(rng)
-            checkpoint.save(self.ckpt_dir / "last.pt", state)
-            if best:
-                checkpoint.save(self.ckpt_dir / "best.pt", state)
+            error = None
+            if self.env.is_main:
+                state = self.state_dict(rng)
+                try:
+                    checkpoint.save(self.ckpt_dir / "last.pt", state)
+                    if best:
+                        checkpoint.save(self.ckpt_dir / "best.pt", state)
+                except CheckpointError as e:
+                    error = e
+            if not dist.all_ok(error is None, self.env):
+                raise error or CheckpointError(f"rank 0 could not write to {self.ckpt_dir} (see its error); "
+                                               f"earlier checkpoints are kept")
 
     # -- the loop ----------------------------------------------------------------------------------
     def fit(self, stop_after_epoch: int | None = None) -> dict[str, Any]:
@@ -398,9 +406,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def fail(message: str, code: int, env: dist.DistEnv | None) -> int:
-    """One line on stderr, from rank 0 alone (every rank hits the same error, also before the process group)."""
-    if (env.rank if env is not None else int(os.environ.get("RANK", "0"))) == 0:
+    """One line on stderr, from rank 0 alone (every rank hits the same error, also before the process group).
+
+    The other ranks leave a moment later: torchrun stops every worker as soon as one exits, and rank 0 must
+    have said why by then."""
+    if (env.rank if env is not None else dist.env_int("RANK", 0)) == 0:
         print(message, file=sys.stderr, flush=True)
+    else:
+        with suppress(Interrupted):  # torchrun's SIGTERM, once rank 0 has gone
+            time.sleep(FAIL_GRACE_SECONDS)
     return code
 
 

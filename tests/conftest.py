@@ -88,8 +88,10 @@ def free_port() -> int:
 
 
 def torchrun(nproc: int, *args: str, launcher: tuple[str, ...] = ()) -> list[str]:
+    """A torchrun command line for the trainer, pinned to the CPU unless `args` name a --device (which wins:
+    argparse keeps the last): on a one-GPU host, 2 ranks on --device auto would be refused."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            *launcher, "-m", "distributed.train", *args]
+            *launcher, "-m", "distributed.train", "--device", "cpu", *args]
 
 
 @pytest.fixture(scope="session")
@@ -127,6 +129,6 @@ def mnist_export(real_data, tmp_path_factory) -> Path:
     from distributed.train import main as train
     from export.__main__ import main as export
     run_dir = tmp_path_factory.mktemp("mnist_run")
-    assert train(["--data-dir", str(real_data), "--run-dir", str(run_dir), "--epochs", "1"]) == 0
+    assert train(["--data-dir", str(real_data), "--run-dir", str(run_dir), "--epochs", "1", "--device", "cpu"]) == 0
     assert export(["--run-dir", str(run_dir), "--batch-sizes", "7,1000"]) == 0
     return run_dir / "export"

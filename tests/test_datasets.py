@@ -256,9 +256,10 @@ def test_trainer_and_serve_cli_see_the_same_pixels(tmp_path: Path) -> None:
 
 def test_folder_errors_are_one_line(tmp_path: Path, capsys) -> None:
     from distributed.train import main
-    assert main(["--dataset", f"folder:{tmp_path / 'nowhere'}", "--run-dir", str(tmp_path / "r")]) == 1
+    assert main(["--dataset", f"folder:{tmp_path / 'nowhere'}", "--run-dir", str(tmp_path / "r"), "--device", "cpu"]) == 1
     assert capsys.readouterr().err.strip().endswith("nowhere: no such folder")
     (tmp_path / "one_class" / "a").mkdir(parents=True)
-    assert main(["--dataset", f"folder:{tmp_path / 'one_class'}", "--run-dir", str(tmp_path / "r2")]) == 1
+    assert main(["--dataset", f"folder:{tmp_path / 'one_class'}", "--run-dir", str(tmp_path / "r2"),
+                 "--device", "cpu"]) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "one sub-folder per class (at least 2), found 1" in err

@@ -51,7 +51,7 @@ def run(*cmd: str, timeout: float = 180, **kwargs) -> subprocess.CompletedProces
 
 def train_args(data: Path, run_dir: Path, *extra: str) -> list[str]:
     return ["--data-dir", str(data), "--run-dir", str(run_dir), "--val-size", "64", "--epochs", "1",
-            "--model", "mlp", *extra]
+            "--model", "mlp", "--device", "cpu", *extra]
 
 
 def pngs(folder: Path, n: int = 6) -> Path:
@@ -352,7 +352,7 @@ def test_damaged_extracted_mnist_is_named(tmp_path: Path, capsys, damage: str, n
         content = bytearray(path.read_bytes())
         content[20] = 42
         path.write_bytes(bytes(content))
-    assert train(["--data-dir", str(data), "--run-dir", str(tmp_path / "r"), "--val-size", "10"]) == 1
+    assert train(["--data-dir", str(data), "--run-dir", str(tmp_path / "r"), "--val-size", "10", "--device", "cpu"]) == 1
     one_error_line(capsys.readouterr().err, str(path.name), needle)
 
 

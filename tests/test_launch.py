@@ -33,7 +33,7 @@ def script_env(**extra: str) -> dict[str, str]:
 
 def train_args(data: Path, run_dir: Path, *extra: str) -> list[str]:
     return ["--data-dir", str(data), "--run-dir", str(run_dir), "--val-size", "64", "--batch-size", "16",
-            "--epochs", "3", "--log-every", "5", *extra]
+            "--epochs", "3", "--log-every", "5", "--device", "cpu", *extra]
 
 
 def wait_for_step(last: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> int:
@@ -147,7 +147,7 @@ def test_two_nodes_on_one_machine(synthetic_data, tmp_path: Path) -> None:
     env = script_env(NNODES="2", NPROC_PER_NODE="1", RDZV_ENDPOINT=f"127.0.0.1:{free_port()}",
                      RDZV_ID="two-nodes-test", MAX_RESTARTS="0")
     args = ["bash", "launch/multinode.sh", "--data-dir", str(synthetic_data), "--run-dir", str(tmp_path),
-            "--val-size", "64", "--epochs", "1"]
+            "--val-size", "64", "--epochs", "1", "--device", "cpu"]
     nodes = [subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for _ in range(2)]
     outputs = [node.communicate(timeout=300)[0] for node in nodes]
@@ -158,7 +158,7 @@ def test_two_nodes_on_one_machine(synthetic_data, tmp_path: Path) -> None:
 
 def test_run_sh_trains_exports_verifies_and_predicts(synthetic_data, tmp_path: Path) -> None:
     proc = subprocess.run(["bash", "launch/run.sh", "--data-dir", str(synthetic_data), "--run-dir", str(tmp_path),
-                           "--val-size", "64", "--epochs", "1"], cwd=ROOT, env=script_env(NPROC="2"),
+                           "--val-size", "64", "--epochs", "1", "--device", "cpu"], cwd=ROOT, env=script_env(NPROC="2"),
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "verified" in proc.stdout and "launch/samples/mnist_7.png" in proc.stdout
@@ -168,7 +168,7 @@ def test_run_sh_trains_exports_verifies_and_predicts(synthetic_data, tmp_path: P
 
 def test_run_sh_stops_at_the_first_failing_step(tmp_path: Path) -> None:
     proc = subprocess.run(["bash", "launch/run.sh", "--data-dir", str(tmp_path / "none"), "--run-dir",
-                           str(tmp_path / "run")], cwd=ROOT, env=script_env(NPROC="1"),
+                           str(tmp_path / "run"), "--device", "cpu"], cwd=ROOT, env=script_env(NPROC="1"),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert "run.sh: training failed" in proc.stderr and "==> export" not in proc.stderr

@@ -156,7 +156,7 @@ def test_phase_breakdown(ddp_run, ddp_events) -> None:
 def test_zero_mistakes_and_no_validation(synthetic_data, tmp_path: Path) -> None:
     # a few batches learned by heart: the evaluation (on those same batches) has nothing to show
     assert main(["--data-dir", str(synthetic_data), "--run-dir", str(tmp_path / "overfit"), "--overfit-batches", "1",
-                 "--val-size", "0", "--epochs", "15"]) == 0
+                 "--val-size", "0", "--epochs", "15", "--device", "cpu"]) == 0
     acc = events(tmp_path / "overfit")
     assert json.loads((tmp_path / "overfit" / "metrics.json").read_text())["test_accuracy"] == 1.0
     last = acc.Images("test/mistakes")[-1]  # a note, not the previous epoch's gallery
@@ -164,7 +164,7 @@ def test_zero_mistakes_and_no_validation(synthetic_data, tmp_path: Path) -> None
     assert acc.Tensors("test/mistakes/text_summary")[-1].tensor_proto.string_val[0].decode() == \
         "No mistakes on the 64 test images."
     assert main(["--data-dir", str(synthetic_data), "--run-dir", str(tmp_path / "noval"), "--val-size", "0",
-                 "--epochs", "1"]) == 0
+                 "--epochs", "1", "--device", "cpu"]) == 0
     acc = events(tmp_path / "noval")
     assert "val/accuracy" not in acc.Tags()["scalars"]
     experiment = plugin_data_pb2.HParamsPluginData.FromString(

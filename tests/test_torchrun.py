@@ -104,7 +104,7 @@ def test_resume_from_two_ranks_to_one_restarts_the_epoch_and_refits(synthetic_da
     train_torchrun(2, synthetic_data, tmp_path, "--val-size", "64", "--epochs", "1")
     assert checkpoint.load(tmp_path / "checkpoints" / "last.pt")["run"]["step"] == 5  # ceil(288 / 64)
     assert main(["--data-dir", str(synthetic_data), "--run-dir", str(tmp_path), "--val-size", "64",
-                 "--epochs", "2"]) == 0
+                 "--epochs", "2", "--device", "cpu"]) == 0
     assert "schedule re-fitted" in capsys.readouterr().out
     state = checkpoint.load(tmp_path / "checkpoints" / "last.pt")
     assert state["run"]["step"] == 5 + 9  # then one epoch of ceil(576 / 64) steps on one rank

@@ -20,7 +20,7 @@ REQUIRED_METRICS = {"test_accuracy", "test_loss", "val_accuracy", "epochs", "wor
 
 def args(data: Path, run_dir: Path, *extra: str) -> list[str]:
     return ["--data-dir", str(data), "--run-dir", str(run_dir), "--val-size", "64", "--epochs", "2",
-            "--log-every", "2", *extra]
+            "--log-every", "2", "--device", "cpu", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +139,7 @@ def test_batch_size_help_says_per_rank(capsys) -> None:
 
 
 def test_missing_data_dir_is_one_clear_error(tmp_path: Path, capsys) -> None:
-    assert main(["--data-dir", str(tmp_path / "absent"), "--run-dir", str(tmp_path / "run")]) == 1
+    assert main(["--data-dir", str(tmp_path / "absent"), "--run-dir", str(tmp_path / "run"), "--device", "cpu"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "MNIST not found" in err[0] and "train-images-idx3-ubyte.gz" in err[0]
 
