@@ -154,8 +154,10 @@ class Trainer:
         # The training forward may be compiled; self.model stays the plain module that checkpoints, evaluation
         # and export use (nanoGPT's order: compile, then wrap in DDP).
         net = torch.compile(self.model) if cfg.compile else self.model
-        self.net: nn.Module = net if env.world_size == 1 else \
-            DDP(net, device_ids=[env.device] if env.device.type == "cuda" else None)
+        # Under torchrun the model is always DDP, one rank too (as nanoGPT does): one code path, and a one-GPU
+        # machine runs the same DDP, buffer broadcast and all-reduces as a cluster.
+        self.net: nn.Module = DDP(net, device_ids=[env.device] if env.device.type == "cuda" else None) \
+            if env.is_distributed else net
         self.test_shard = eval_shard(len(self.test), env.rank, env.world_size, env.device)
         self.val_shard = eval_shard(len(self.val), env.rank, env.world_size, env.device)
 

@@ -181,3 +181,19 @@ def test_scaling_recipes_use_torchrun_rendezvous() -> None:
         assert subprocess.run(["bash", "-n", str(ROOT / "launch" / name)]).returncode == 0
     job = (ROOT / "launch" / "k8s" / "pytorchjob.yaml").read_text()
     assert "kind: PyTorchJob" in job and "rdzvBackend: c10d" in job and "distributed.train" in job
+
+
+def test_gpu_check_rehearsal_runs_its_plumbing(synthetic_data, tmp_path: Path) -> None:
+    """launch/gpu_check.sh --rehearse: every step's plumbing on the CPU, so that the script cannot rot unseen."""
+    out = tmp_path / "check"
+    proc = subprocess.run(["bash", "launch/gpu_check.sh", "--rehearse", str(out)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600, env={**script_env(), "PYTHON": sys.executable,
+                                                       "DATA_DIR": str(synthetic_data)})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = (out / "summary.md").read_text()
+    rows = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in summary.splitlines()
+            if line.startswith("| ") and not line.startswith("| step") and line.count("|") == 5}
+    assert rows == {"environment": "passed", "gpu-tests": "skipped: no GPU (rehearsal)", "cpu-suite": "passed",
+                    "benchmark": "passed"}, summary
+    assert "| mlp | off | 64 | no | 1 |" in summary  # the benchmark's table reached the summary
+    assert {p.name for p in out.iterdir()} == {"summary.md", "environment.log", "cpu-suite.log", "benchmark.log"}

@@ -59,7 +59,7 @@ def test_output_fifo_is_written_through(exported_run: Path, tmp_path: Path) -> N
     fifo = tmp_path / "rows.fifo"
     os.mkfifo(fifo)
     received: list[str] = []
-    reader = threading.Thread(target=lambda: received.append(fifo.read_text()))
+    reader = threading.Thread(target=lambda: received.append(fifo.read_text()), daemon=True)  # never blocks exit
     reader.start()
     assert serve(predict(exported_run, folder, fifo)) == 0
     reader.join(timeout=30)

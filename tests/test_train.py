@@ -164,20 +164,57 @@ def test_resume_without_checkpoint_is_an_error(synthetic_data, tmp_path: Path, c
 
 
 def test_stop_mid_epoch_then_resume_matches_uninterrupted(synthetic_data, tmp_path: Path) -> None:
+    stop_mid_epoch_then_resume(synthetic_data, tmp_path, "cpu")
+
+
+def stop_mid_epoch_then_resume(data: Path, tmp_path: Path, device: str) -> None:
     """SIGTERM's path in-process: stop at step 10 of 36, checkpoint mid-epoch, resume, same final weights.
     Dropout and augmentation draw random numbers, so each rank's RNG state must come back too."""
     from distributed.train import Preempted, StopRequest
-    extra = ("--batch-size", "16", "--epochs", "1", "--model", "samnet", "--augment", "--run-dir")
-    assert main(args(synthetic_data, tmp_path / "a", *extra, str(tmp_path / "a"))) == 0
-    cfg = parse_args(args(synthetic_data, tmp_path / "b", *extra, str(tmp_path / "b")))
+    extra = ("--batch-size", "16", "--epochs", "1", "--model", "samnet", "--augment", "--device", device, "--run-dir")
+    assert main(args(data, tmp_path / "a", *extra, str(tmp_path / "a"))) == 0
+    cfg = parse_args(args(data, tmp_path / "b", *extra, str(tmp_path / "b")))
     with pytest.raises(Preempted, match="stopped by signal 15 at epoch 1, step 10"):
-        fit(cfg, dist.setup("cpu"), stop=StopRequest(signal=15))
+        fit(cfg, dist.setup(device), stop=StopRequest(signal=15))
     state = checkpoint.load(tmp_path / "b" / "checkpoints" / "last.pt")
     assert (state["run"]["epoch"], state["run"]["step"], state["run"]["batch_in_epoch"]) == (0, 10, 10)
-    assert main(args(synthetic_data, tmp_path / "b", *extra, str(tmp_path / "b"))) == 0
+    assert main(args(data, tmp_path / "b", *extra, str(tmp_path / "b"))) == 0
     a, b = final_weights(tmp_path / "a"), final_weights(tmp_path / "b")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert json.loads((tmp_path / "b" / "metrics.json").read_text())["steps"] == 36
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_fp16_overflow_skips_the_step_backs_off_and_the_scale_survives_a_resume(synthetic_data, tmp_path: Path,
+                                                                               device: str) -> None:
+    """An inf gradient at step 3: the step is skipped (the optimiser counts 8 of 9), the scale halves, the run
+    does not call it divergence, and a resumed run starts from the halved scale, not the default."""
+    from distributed.timing import Phases
+    from distributed.train import StopRequest, Trainer
+    cfg = parse_args(args(synthetic_data, tmp_path, "--amp", "fp16", "--model", "mlp", "--device", device))
+    env = dist.setup(device)
+    trainer = Trainer(cfg, env, StopRequest(), Phases())
+    fresh = trainer.scaler.get_scale() if trainer.scaler.is_enabled() else None
+    calls = []
+
+    def poison(grad: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        return grad * float("inf") if len(calls) == 3 else grad
+    try:
+        next(trainer.model.parameters()).register_hook(poison)
+        trainer.fit(stop_after_epoch=1)
+    finally:
+        trainer.close()
+    assert trainer.scaler.is_enabled() and fresh == 65536.0
+    saved = checkpoint.load(tmp_path / "checkpoints" / "last.pt")
+    assert saved["run"]["step"] == 9 and saved["scaler"]["scale"] == fresh / 2
+    assert {int(s["step"]) for s in saved["optimizer"]["state"].values()} == {8}
+    resumed = Trainer(cfg, env, StopRequest(), Phases())
+    try:
+        assert resumed.scaler.get_scale() == fresh / 2
+        assert resumed.fit()["epochs"] == 2
+    finally:
+        resumed.close()
 
 
 def test_checkpoint_every_steps_saves_mid_epoch(synthetic_data, tmp_path: Path, monkeypatch) -> None:
