@@ -37,11 +37,12 @@ with torch.no_grad():
 """
 
 
-def write_pngs(data_dir: str, out: Path) -> int:
+def write_pngs(data_dir: str, out: Path, limit: int | None = None) -> int:
     from PIL import Image
 
     from distributed.data import read_mnist
     images, _ = read_mnist(data_dir, train=False)
+    images = images[:limit]
     out.mkdir(parents=True, exist_ok=True)
     for i, img in enumerate(images.numpy()):
         Image.fromarray(img, mode="L").save(out / f"{i:05d}.png")
@@ -64,10 +65,11 @@ def main() -> None:
     p.add_argument("--data-dir", default="data")
     p.add_argument("--model", default="runs/digits/export")
     p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--limit", type=int, default=None, help="only the first N test images (a smoke run)")
     args = p.parse_args()
     import numpy as np
 
-    from serve_cli.__main__ import process_batch, worker_pool
+    from serve_cli.pool import process_batch, worker_pool
     from serve_cli.images import find_images
     from serve_cli.model import load_model
 
@@ -77,7 +79,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "png"
-        n = write_pngs(args.data_dir, folder)
+        n = write_pngs(args.data_dir, folder, args.limit)
         serve = [sys.executable, "-m", "serve_cli", "predict", str(folder), "--model", str(model_dir)]
         for runtime in ("onnxruntime", "torchscript"):
             t = wall(serve + ["--runtime", runtime, "--format", "csv"], args.repeat)

@@ -39,7 +39,7 @@ skip() { echo "| $1 | skipped: $2 | - | |" >>"$summary"; }
   echo "|---|---|---|---|"
 } >"$summary"
 
-step environment 60 "$PY" - <<'EOF'
+step environment 30 "$PY" - <<'EOF'
 import os, platform, shutil, subprocess
 import torch
 print(f"python {platform.python_version()}, torch {torch.__version__}, CUDA {torch.version.cuda}, "
@@ -69,11 +69,12 @@ if ((rehearse)); then
   step cpu-suite 180 "$PY" -m pytest -q -p no:cacheprovider "${timeout_flag[@]}" tests/test_models.py
   step benchmark 180 "$PY" benchmarks/gpu_speed.py --data-dir "$DATA" --rehearse --row-timeout 120
 else
-  step gpu-tests 300 "$PY" -m pytest -q -p no:cacheprovider -m gpu -rs "${timeout_flag[@]}"
+  # limits: 30 + 180 + 120 + 150 s = 8 minutes at the very worst, so one run fits a 10-minute slot
+  step gpu-tests 180 "$PY" -m pytest -q -p no:cacheprovider -m gpu -rs "${timeout_flag[@]}"
   # Bug 1 of issue 18 on the host it is about: 2- and 3-rank torchrun tests and the trainer's in-process tests
-  step cpu-suite 240 "$PY" -m pytest -q -p no:cacheprovider -m "not gpu" "${timeout_flag[@]}" \
+  step cpu-suite 120 "$PY" -m pytest -q -p no:cacheprovider -m "not gpu" "${timeout_flag[@]}" \
     tests/test_gpu_host.py tests/test_torchrun.py tests/test_train.py tests/test_dist_checkpoint.py
-  step benchmark 240 "$PY" benchmarks/gpu_speed.py --data-dir "$DATA" --check --row-timeout 60
+  step benchmark 150 "$PY" benchmarks/gpu_speed.py --data-dir "$DATA" --check --row-timeout 40
 fi
 
 {

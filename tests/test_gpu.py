@@ -1,5 +1,7 @@
 """The CUDA path: NCCL under torchrun, bf16/fp16 autocast with the scaler through a resume, torch.compile,
-CUDA checkpoints served on the CPU, ONNX Runtime's CUDA provider, and the "more ranks than GPUs" error.
+CUDA checkpoints served on the CPU, ONNX Runtime's CUDA provider, and the "more ranks than GPUs" error;
+no host sync between agreement checks; a SIGTERM resume bit for bit. The fp16 overflow test is in test_train.py
+(CPU and CUDA).
 
 Every test here is marked gpu and skipped without CUDA (CI has none); they are written to run unchanged
 the first time a GPU is there: `pytest -m gpu`.
@@ -33,8 +35,11 @@ def metrics(run_dir: Path) -> dict:
     return json.loads((run_dir / "metrics.json").read_text())
 
 
-def test_one_gpu_torchrun_nccl(synthetic_data, tmp_path: Path) -> None:
-    proc = run(torchrun(1, *train_args(synthetic_data, tmp_path)))
+@pytest.mark.parametrize("model", ["fastnet", "recordnet"])
+def test_one_gpu_torchrun_nccl(model: str, synthetic_data, tmp_path: Path) -> None:
+    """One rank under torchrun is still DDP (device_ids, NCCL all-reduces, rank 0's BatchNorm buffers broadcast
+    for recordnet, the exact evaluation's all-reduce and the gathered probabilities on CUDA tensors)."""
+    proc = run(torchrun(1, *train_args(synthetic_data, tmp_path, "--model", model)))
     assert proc.returncode == 0, proc.stderr[-3000:]
     m = metrics(tmp_path)
     assert m["device"] == "cuda" and m["world_size"] == 1 and m["test_accuracy"] > 0.5

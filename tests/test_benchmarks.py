@@ -1,0 +1,37 @@
+"""Each benchmark script, run for real on tiny data (not --help): a script that no longer runs fails here."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+
+def bench(*args: str, timeout: float = 300) -> str:
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_serve_speed(exported_run: Path, synthetic_data: Path) -> None:
+    out = bench("benchmarks/serve_speed.py", "--data-dir", str(synthetic_data), "--model", str(exported_run),
+                "--repeat", "1", "--limit", "40")
+    assert "40 MNIST test images as PNG" in out
+    assert len([line for line in out.splitlines() if line.startswith("| ") and "images/s" not in line]) == 6
+
+
+def test_flops() -> None:
+    out = bench("benchmarks/flops.py", "--device", "cpu", "--images-per-second", "1000")
+    assert "fp32 matmul peak (cpu" in out and "fastnet at 1,000 images/s" in out
+
+
+def test_train_speed(synthetic_data: Path) -> None:
+    out = bench("benchmarks/train_speed.py", "--data-dir", str(synthetic_data), "--only-seeds", "--seeds", "0",
+                "--recipe", "--epochs 1 --val-size 0 --model mlp --device cpu")
+    assert "floor (torchrun" in out
+    assert len([line for line in out.splitlines() if "torchrun x2, seed 0 |" in line]) == 2  # digits and binary
