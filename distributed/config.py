@@ -18,11 +18,14 @@ SEED_RECIPE = ["--optimizer", "sgd", "--lr", "0.01", "--momentum", "0.5",
 # Fastest measured model per task to reach the accuracy goals (see docs/PERFORMANCE.md).
 DEFAULT_MODEL = {"digits": "fastnet", "binary": "fastnet"}
 
-# Flags that may differ when a run resumes: they change how or where it runs, not what it learns
-# (a new --epochs or --batch-size re-fits the schedule). Any other difference makes the resumed run
-# another experiment (a new --seed or --val-size would even move validation images into training).
-MAY_CHANGE_ON_RESUME = ("epochs", "batch_size", "data_dir", "run_dir", "device", "eval_batch_size", "log_every",
-                        "checkpoint_every_steps", "compile", "resume")
+# Every flag has one category, given where the flag is declared (`_opt(..., kind=...)`); the resume rule, the
+# schedule's re-fit and the TensorBoard hparams are read from it:
+#   recipe    what the run learns: a different value on resume is another experiment, refused (a new --seed or
+#             --val-size would even move validation images into training); an hparam
+#   length    how long and in what steps: may change on resume, which re-fits the schedule; an hparam
+#   runtime   where the same maths runs: may change on resume; an hparam
+#   logistics paths, logging and checkpointing: may change on resume; not an hparam
+KINDS = ("recipe", "length", "runtime", "logistics")
 
 
 def number_in(kind: type, low: float, high: float = math.inf, high_open: bool = False,
@@ -62,8 +65,9 @@ def dataset_name(text: str) -> str:
     raise argparse.ArgumentTypeError(f"{text!r}: choose one of {', '.join(DATASETS)}, or folder:PATH")
 
 
-def _opt(default: Any, help: str, **kwargs: Any) -> Any:
-    return field(default=default, metadata={"help": help, **kwargs})
+def _opt(default: Any, help: str, kind: str = "recipe", **kwargs: Any) -> Any:
+    assert kind in KINDS, kind
+    return field(default=default, metadata={"help": help, "kind": kind, **kwargs})
 
 
 @dataclass
@@ -75,11 +79,12 @@ class TrainConfig:
                                   "datasets learn their own classes", choices=list(TASKS))
     model: str | None = _opt(None, "network from the registry (default: fastest for the task)")
     data_dir: str = _opt("data", "dataset root; the four IDX files go in DATA_DIR/MNIST/raw/ (FashionMNIST/raw/, "
-                                 "KMNIST/raw/ for the others; downloaded if absent)", type=path_text)
+                                 "KMNIST/raw/ for the others; downloaded if absent)", type=path_text, kind="logistics")
     run_dir: str | None = _opt(None, "where checkpoints, TensorBoard events and metrics go (default: runs/TASK)",
-                               type=path_text)
-    epochs: int = _opt(2, "number of passes over the training split", type=POSITIVE_INT)
-    batch_size: int = _opt(64, "batch size PER RANK (global batch = this x world size)", type=POSITIVE_INT)
+                               type=path_text, kind="logistics")
+    epochs: int = _opt(2, "number of passes over the training split", type=POSITIVE_INT, kind="length")
+    batch_size: int = _opt(64, "batch size PER RANK (global batch = this x world size)", type=POSITIVE_INT,
+                           kind="length")
     optimizer: str = _opt("adam", "optimiser", choices=["sgd", "adam", "adamw"])
     lr: float = _opt(5e-3, "learning rate (peak rate for onecycle)", type=POSITIVE)
     momentum: float = _opt(0.9, "SGD momentum, in [0, 1)", type=FRACTION)
@@ -96,19 +101,24 @@ class TrainConfig:
                     choices=["auto", "bf16", "fp16", "off"])
     channels_last: bool = _opt(True, "keep conv weights in channels-last layout (2-3x faster on CPU via oneDNN, "
                                      "and on CUDA tensor cores)", action=argparse.BooleanOptionalAction)
-    device: str = _opt("auto", "auto: CUDA when available, else CPU (gloo)", choices=["auto", "cuda", "cpu"])
+    device: str = _opt("auto", "auto: CUDA when available, else CPU (gloo)", choices=["auto", "cuda", "cpu"],
+                       kind="runtime")
     compile: bool = _opt(False, "torch.compile the model for training (compile time is paid at the first steps; "
-                                "see docs/PERFORMANCE.md for when it wins)", action=argparse.BooleanOptionalAction)
-    eval_batch_size: int = _opt(2000, "batch size for validation and test evaluation", type=POSITIVE_INT)
+                                "see docs/PERFORMANCE.md for when it wins)", action=argparse.BooleanOptionalAction,
+                        kind="runtime")
+    eval_batch_size: int = _opt(2000, "batch size for validation and test evaluation", type=POSITIVE_INT,
+                                kind="logistics")
     overfit_batches: int = _opt(0, "debug: train and evaluate on the first N batches only (loss should go to ~0)",
                                 type=NON_NEGATIVE_INT)
-    log_every: int = _opt(20, "log train loss and lr to TensorBoard every N steps", type=POSITIVE_INT)
+    log_every: int = _opt(20, "log train loss and lr to TensorBoard every N steps", type=POSITIVE_INT,
+                          kind="logistics")
     checkpoint_every_steps: int = _opt(0, "also save last.pt every N steps inside an epoch, so a killed worker "
-                                          "loses at most N steps (0: at epoch ends only)", type=NON_NEGATIVE_INT)
+                                          "loses at most N steps (0: at epoch ends only)", type=NON_NEGATIVE_INT,
+                                     kind="logistics")
     resume: bool | None = _opt(None, "--resume: continue from RUN_DIR/checkpoints/last.pt (error if absent); "
                                      "--no-resume: start over; default: resume when last.pt exists. "
-                                     f"May change on resume: {', '.join(MAY_CHANGE_ON_RESUME[:-1])}",
-                               action=argparse.BooleanOptionalAction)
+                                     "the recipe's flags must be the checkpoint's (see the README's Resuming)",
+                               action=argparse.BooleanOptionalAction, kind="logistics")
 
     def __post_init__(self) -> None:
         if self.task is None:
@@ -128,7 +138,12 @@ class TrainConfig:
         default = {f.name: f.default for f in dataclasses.fields(self)} | {"task": "digits"}
         return [f"--{name.replace('_', '-')} {saved.get(name, default[name])} -> {value}"
                 for name, value in self.to_dict().items()
-                if name not in MAY_CHANGE_ON_RESUME and saved.get(name, default[name]) != value]
+                if name in flags_of("recipe") and saved.get(name, default[name]) != value]
+
+
+def flags_of(*kinds: str) -> tuple[str, ...]:
+    """The TrainConfig fields of these categories, in declaration order."""
+    return tuple(f.name for f in dataclasses.fields(TrainConfig) if f.metadata["kind"] in kinds)
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -146,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_Formatter,
     )
     for f in dataclasses.fields(TrainConfig):
-        meta = dict(f.metadata)
+        meta = {k: v for k, v in f.metadata.items() if k != "kind"}
         flag = "--" + f.name.replace("_", "-")
         if "action" not in meta:
             meta.setdefault("type", _arg_type(f.type))

@@ -11,7 +11,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .config import TrainConfig
+from .config import TrainConfig, flags_of
 from .data import Split, Task
 from .dist import DistEnv
 from .engine import EvalResult
@@ -27,7 +27,6 @@ PROJECTOR_IMAGES = 2000
 MATRIX_CLASSES = 30  # the confusion image shows the classes with the most mistakes
 CURVE_CLASSES = 50  # per-class recall/precision curves and PR curves: the first classes, the same every epoch
 # Hyper-parameters shown in the HParams tab: what the model learned from, not where files went.
-NOT_HPARAMS = ("data_dir", "run_dir", "eval_batch_size", "log_every", "checkpoint_every_steps", "resume")
 
 
 class Reporter:
@@ -140,7 +139,7 @@ class Reporter:
                          metadata, ("label", "predicted", "correct"), split.images[subset.to(split.images.device)])
         logger.text("run/phases", "| phase | seconds |\n|---|---|\n" + "\n".join(
             f"| {name} | {seconds:.2f} |" for name, seconds in metrics["phase_seconds"].items()), step)
-        hparams = {k: v for k, v in self.cfg.to_dict().items() if v is not None and k not in NOT_HPARAMS}
+        hparams = {k: v for k, v in self.cfg.to_dict().items() if v is not None and k not in flags_of("logistics")}
         metric_tags = ["test/accuracy", "test/loss", "perf/train_seconds"]
         if metrics["val_accuracy"] is not None:
             metric_tags.insert(1, "val/accuracy")

@@ -145,7 +145,8 @@ def note_image(text: str, font_size: int = 22) -> np.ndarray:
     return np.asarray(canvas)
 
 
-def confusion_image(matrix: torch.Tensor, classes: Sequence[str], cell: int = 44, title: str = "predicted") -> np.ndarray:
+def confusion_image(matrix: torch.Tensor, classes: Sequence[str], cell: int = 44,
+                    title: str = "predicted") -> np.ndarray:
     """Rows are true classes, columns predicted; shade by row-normalised count, counts written in."""
     n = len(classes)
     margin = 56

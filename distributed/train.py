@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import checkpoint, dist
 from .checkpoint import CheckpointError
-from .config import TrainConfig, parse_args
+from .config import TrainConfig, flags_of, parse_args
 from .data import (DataError, Split, data_changes, epoch_batches, eval_shard, fingerprint, images_seen, load_data,
                    make_sampler, steps_per_epoch, task_of)
 from .engine import EvalResult, amp_dtype, evaluate, make_scaler, synchronize, train_step
@@ -199,9 +199,8 @@ class Trainer:
             self.optimizer.load_state_dict(state["optimizer"])
             self.scaler.load_state_dict(state["scaler"])
             self.run = RunState(**state["run"])
-            same_shape = (state["world_size"] == self.env.world_size
-                          and state["config"]["epochs"] == self.cfg.epochs
-                          and state["config"]["batch_size"] == self.cfg.batch_size)
+            same_shape = state["world_size"] == self.env.world_size and all(
+                state["config"].get(name) == getattr(self.cfg, name) for name in flags_of("length"))
             if same_shape and self.scheduler is not None and state["scheduler"]:
                 self.scheduler.load_state_dict(state["scheduler"])
             if same_shape:

@@ -8,17 +8,8 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
 cd "$ROOT"
 
-task=digits run_dir=""
-args=("$@")
-for ((i = 0; i < ${#args[@]}; i++)); do
-  case "${args[i]}" in
-    --task) task="${args[i + 1]:-}" ;;
-    --task=*) task="${args[i]#*=}" ;;
-    --run-dir) run_dir="${args[i + 1]:-}" ;;
-    --run-dir=*) run_dir="${args[i]#*=}" ;;
-  esac
-done
-run_dir="${run_dir:-runs/$task}"
+# The run dir the trainer will use, from the trainer's own flag parsing (a usage error stops here, with its message)
+run_dir=$(python -c 'import sys; from distributed.config import parse_args; print(parse_args(sys.argv[1:]).run_dir)' "$@")
 nproc="${NPROC:-$(default_nproc)}"
 
 step() { echo "==> $*" >&2; }

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -197,3 +198,18 @@ def test_gpu_check_rehearsal_runs_its_plumbing(synthetic_data, tmp_path: Path) -
                     "benchmark": "passed"}, summary
     assert "| mlp | off | 64 | no | 1 |" in summary  # the benchmark's table reached the summary
     assert {p.name for p in out.iterdir()} == {"summary.md", "environment.log", "cpu-suite.log", "benchmark.log"}
+
+
+def test_run_sh_exports_the_run_dir_the_trainer_used(tmp_path: Path) -> None:
+    """Issue 20: `launch/run.sh --dataset kmnist` trained into runs/kmnist and exported runs/digits."""
+    from test_datasets import write_dataset
+    copy = tmp_path / "clone"  # run.sh works from its checkout's root: default run dirs land in runs/ there
+    for part in ("distributed", "export", "serve_cli", "launch"):
+        shutil.copytree(ROOT / part, copy / part, ignore=shutil.ignore_patterns("__pycache__"))
+    data = write_dataset(tmp_path / "data", "kmnist", n_train=200, n_test=60)
+    proc = subprocess.run(["bash", "launch/run.sh", "--dataset", "kmnist", "--data-dir", str(data), "--val-size",
+                           "20", "--epochs", "1", "--model", "mlp", "--device", "cpu"], cwd=copy,
+                          env=script_env(NPROC="1"), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "==> export: runs/kmnist/checkpoints/best.pt -> runs/kmnist/export" in proc.stderr
+    assert (copy / "runs" / "kmnist" / "export" / "manifest.json").is_file() and not (copy / "runs" / "digits").exists()
