@@ -32,7 +32,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .files import atomic_write
+from serve_cli.cli import first_line
+from serve_cli.files import atomic_write
 
 if TYPE_CHECKING:
     from .config import TrainConfig
@@ -79,8 +80,7 @@ def save(path: Path, state: dict[str, Any]) -> None:
     try:
         atomic_write(path, lambda p: torch.save(state, p))
     except (OSError, RuntimeError) as e:
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
-        raise CheckpointError(f"cannot write {path} ({reason}; is the disk full?): the previous checkpoint "
+        raise CheckpointError(f"cannot write {path} ({first_line(e, 120)}; is the disk full?): the previous checkpoint "
                               f"is kept") from None
 
 
@@ -92,8 +92,7 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path} is not a readable checkpoint ({reason[:200]})") from None
+        raise CheckpointError(f"{path} is not a readable checkpoint ({first_line(e)})") from None
     if not isinstance(state, dict) or any(k not in state for k in REQUIRED_KEYS):
         raise CheckpointError(f"{path} is not a checkpoint of this project (expected keys {REQUIRED_KEYS})")
     if state["version"] not in READABLE_VERSIONS:

@@ -1,14 +1,12 @@
-"""File writes that users rely on: atomic replacement, JSON, and the one-run-per-run-dir lock."""
+"""The run dir: created or refused in one line, and the one-run-per-run-dir lock."""
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import socket
-import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, TextIO
+from typing import TextIO
 
 from .dist import DistEnv, all_ok
 
@@ -17,30 +15,6 @@ LOCK_NAME = ".lock"
 
 class RunDirError(RuntimeError):
     """The run dir cannot be used: not a folder, not writable, or held by another run."""
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write via a temp file in the same folder, fsync, then os.replace: readers see old or new, never half.
-
-    On any failure (a full disk, Ctrl-C) the temp file is removed and `path` is left as it was.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # The temp name keeps the real suffix: some writers (torch.export.save) insist on it.
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; outputs are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json(path: Path, obj: Any) -> None:
-    atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=2) + "\n"))
 
 
 def prepare_run_dir(run_dir: Path) -> None:

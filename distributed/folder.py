@@ -30,9 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from serve_cli.files import atomic_write
 from serve_cli.images import IMAGE_SUFFIXES, digits_or_reasons
-
-from .files import atomic_write
 
 CACHE_NAME = ".mnist-ddp-cache.pt"
 CACHE_VERSION = 2

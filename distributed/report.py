@@ -11,11 +11,12 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from serve_cli.files import write_json
+
 from .config import TrainConfig, flags_of
 from .data import Split, Task
 from .dist import DistEnv
 from .engine import EvalResult
-from .files import write_json
 from .tb import confusion_image, note_image, open_logger, tag_name, tile_grid
 from .timing import phase_line
 

@@ -14,8 +14,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from serve_cli.files import atomic_write
+
 from .dist import DistEnv
-from .files import atomic_write
 
 RIGHT, WRONG = (0, 130, 0), (210, 0, 0)
 

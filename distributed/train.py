@@ -22,6 +22,8 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from serve_cli.cli import first_line
+
 from . import checkpoint, dist
 from .checkpoint import CheckpointError
 from .config import TrainConfig, flags_of, parse_args
@@ -206,8 +208,7 @@ class Trainer:
             if same_shape:
                 checkpoint.set_rng_state(state["rng"][self.env.rank], self.env.device)
         except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
-            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-            raise CheckpointError(f"{path} does not fit this run ({reason}): use another --run-dir "
+            raise CheckpointError(f"{path} does not fit this run ({first_line(e, 160)}): use another --run-dir "
                                   f"or --no-resume") from None
         self.record = dict(state.get("metrics") or {})
         if same_shape:
@@ -394,8 +395,7 @@ def main(argv: list[str] | None = None) -> int:
         if not (cfg.compile and type(e).__module__.startswith(("torch._dynamo", "torch._inductor"))):
             raise
         # The environment, not the run: inductor needs a C++ compiler on the CPU and Triton on CUDA.
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        return fail(f"error: --compile failed ({reason}); run without --compile, or install what "
+        return fail(f"error: --compile failed ({first_line(e)}); run without --compile, or install what "
                     f"torch.compile needs (a C++ compiler for the CPU, Triton for CUDA)", 1, env)
     finally:
         dist.teardown(peers_in_step=together)

@@ -23,13 +23,13 @@ import onnxruntime
 import torch
 
 from distributed.checkpoint import CheckpointError
-from distributed.config import NON_NEGATIVE, number_in, path_text
 from distributed.data import folder_path
-from distributed.files import write_json
+from serve_cli.cli import NON_NEGATIVE, number_in, path_text
+from serve_cli.files import write_json
+from serve_cli.manifest import (FORMAT_VERSION, INPUT_NAME, MANIFEST, OUTPUT_NAME, ManifestError, file_entry, is_ours,
+                                is_plain_name, load_json, probe_images, read_manifest, seal, sha256_file, verify_file)
 
 from .formats import write_exported_program, write_onnx, write_torchscript
-from .manifest import (FORMAT_VERSION, INPUT_NAME, MANIFEST, OUTPUT_NAME, ManifestError, file_entry, is_ours,
-                       is_plain_name, load_json, probe_images, read_manifest, seal, sha256_file, verify_file)
 from .parity import (ParityError, compare, eager_runtime, failures, format_report, load_runtimes, parity_report,
                      parity_set)
 from .wrap import load_for_export

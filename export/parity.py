@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from distributed.data import DATASETS, folder_path, task_of
-
-from .manifest import INPUT_NAME, probe_images
+from serve_cli.cli import first_line
+from serve_cli.manifest import INPUT_NAME, probe_images
 
 Runner = Callable[[np.ndarray], np.ndarray]  # float32 [N, 1, 28, 28] -> logits [N, C]
 
@@ -42,8 +42,7 @@ def load_runtimes(files: dict[str, Path]) -> dict[str, Runner]:
             scripted = torch.jit.load(str(files["torchscript"]), map_location="cpu")
         program = torch.export.load(str(files["exported_program"])).module()
     except Exception as e:  # each runtime has its own many error types; the user needs the first line
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise ParityError(f"an artifact in {files['onnx'].parent} cannot be loaded ({reason}): re-export") from None
+        raise ParityError(f"an artifact in {files['onnx'].parent} cannot be loaded ({first_line(e)}): re-export") from None
     return {
         "torchscript": torch_runtime(scripted.eval()),
         "exported_program": torch_runtime(program),

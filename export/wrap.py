@@ -10,6 +10,7 @@ from torch import nn
 from distributed import checkpoint
 from distributed.data import DATASETS, MEAN, STD, TASKS, folder_path, task_of
 from distributed.models import MODELS, build_model
+from serve_cli.cli import first_line
 
 
 class InferenceModel(nn.Module):
@@ -42,5 +43,5 @@ def load_for_export(path: str | Path) -> tuple[InferenceModel, dict[str, Any]]:
     try:
         net.load_state_dict({k: v.float() for k, v in state["model"].items()})
     except (RuntimeError, AttributeError, TypeError) as e:
-        raise checkpoint.CheckpointError(f"{path}: weights do not fit {name} ({str(e).splitlines()[0][:160]})") from None
+        raise checkpoint.CheckpointError(f"{path}: weights do not fit {name} ({first_line(e, 160)})") from None
     return InferenceModel(net, info["mean"], info["std"]).eval(), {**info, "classes": classes}

@@ -23,9 +23,8 @@ from typing import Iterable, Iterator, TextIO
 
 import numpy as np
 
-from export.manifest import ManifestError, verify_file
-
 from .images import IMAGE_SUFFIXES, find_images
+from .manifest import ManifestError, verify_file
 from .model import MODEL_ENV, LoadedModel, ModelError, default_model_dir, open_manifest, resolve_model, softmax
 from .output import WRITERS, Row
 from .pool import Chunk, processed_batches, worker_pool

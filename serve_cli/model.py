@@ -14,7 +14,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from export.manifest import INPUT_NAME, ManifestError, probe_images, read_manifest, verify_file
+from .cli import first_line
+from .manifest import INPUT_NAME, ManifestError, probe_images, read_manifest, verify_file
 
 MODEL_ENV = "SERVE_CLI_MODEL"
 ARTIFACT_OF = {"onnxruntime": "onnx", "torchscript": "torchscript"}  # runtime -> manifest artifact key
@@ -54,8 +55,7 @@ class Runtime:
                 name, run = _onnxruntime(self.path, self.providers, self.threads)
             answers = self._probe(run)
         except Exception as e:  # the runtime's own errors are many and multi-line; the user needs one line
-            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-            raise ModelError(f"{self.path} cannot be loaded by {self.kind} ({reason}): re-export it") from None
+            raise ModelError(f"{self.path} cannot be loaded by {self.kind} ({first_line(e)}): re-export it") from None
         if answers is not None:
             raise ModelError(f"{self.path} {answers}: the export dir was tampered with; re-export it")
         return name, run

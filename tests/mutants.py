@@ -42,7 +42,7 @@ MUTANTS: dict[str, tuple[str, str, str, str]] = {
                         "if r[\"max_abs_diff\"] > report[\"atol\"]", "tests/test_hostile.py -k nan_model"),
     "divergence_unchecked": ("distributed/train.py", "[self.stop.signal is not None, not segment.finite()]",
                              "[self.stop.signal is not None, False]", "tests/test_hostile.py -k diverging"),
-    "digest_unchecked": ("export/manifest.py", "    if manifest[\"digest\"] != digest(manifest):",
+    "digest_unchecked": ("serve_cli/manifest.py", "    if manifest[\"digest\"] != digest(manifest):",
                          "    if False:", "tests/test_hostile.py -k edited_manifest"),
     "probe_unchecked": ("serve_cli/model.py", "        if expected is None:\n            return None",
                         "        if True:\n            return None", "tests/test_hostile.py -k fewer_classes"),

@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT, synthetic_digits
-from export.manifest import seal
+from serve_cli.manifest import seal
 from serve_cli.__main__ import main
 from serve_cli.images import load_digit
 
