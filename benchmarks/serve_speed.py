@@ -40,7 +40,7 @@ with torch.no_grad():
 def write_pngs(data_dir: str, out: Path, limit: int | None = None) -> int:
     from PIL import Image
 
-    from distributed.data import read_mnist
+    from distributed.datasets import read_mnist
     images, _ = read_mnist(data_dir, train=False)
     images = images[:limit]
     out.mkdir(parents=True, exist_ok=True)

@@ -20,23 +20,32 @@ Schema (version 3), a plain dict of tensors and plain values:
   data        what the run trained and was scored on (`data.fingerprint`): digest of every split, digest of the
               test split alone, images per class in train (with validation) and test
 
-`Trainer.state_dict` (distributed/train.py) writes it and `Trainer.load_state_dict` reads it; `summary`
-is what everything else (export) needs from it. Versions 1 and 2 (no digest, amp or data; version 1 has
-`epoch`/`step` twice) load too, unchecked.
+This module owns it whole: `RunState`, `capture` (a run's parts -> the dict) beside `restore` (the dict ->
+a run's parts, with the rule for when the schedule is re-fitted), `save`/`load` (atomic; weights_only,
+version and digest checked; older versions migrated to this schema) and `summary`, what export needs.
+Versions 1 and 2 (no digest, amp or data; version 1 has `epoch`/`step` twice) load too, unchecked.
 """
 from __future__ import annotations
 
 import hashlib
+import warnings
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
 
 from serve_cli.cli import first_line
 from serve_cli.files import atomic_write
 
+from .config import TrainConfig, flags_of
+from .data import MEAN, STD
+
 if TYPE_CHECKING:
-    from .config import TrainConfig
+    from torch.amp import GradScaler
+    from torch.optim import Optimizer
+    from torch.optim.lr_scheduler import LRScheduler
 
 CHECKPOINT_VERSION = 3
 READABLE_VERSIONS = (1, 2, 3)
@@ -45,6 +54,67 @@ REQUIRED_KEYS = ("version", "model", "config", "run")
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, unreadable, or not one of ours."""
+
+
+@dataclass
+class RunState:
+    """What survives a restart besides the weights and optimiser: kept in every checkpoint."""
+    epoch: int = 0  # epochs completed
+    step: int = 0  # optimiser steps completed
+    batch_in_epoch: int = 0  # batches of epoch `epoch` already done (mid-epoch checkpoints)
+    train_seconds: float = 0.0  # every training step ever taken, interrupted attempts included
+    train_images: int = 0
+    epoch_loss_sum: float = 0.0  # the current epoch's work so far (it may span a restart)
+    epoch_seconds: float = 0.0
+    best_val_accuracy: float = -1.0
+    best_epoch: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def capture(*, model: nn.Module, optimizer: Optimizer, scheduler: LRScheduler | None, scaler: GradScaler,
+            cfg: TrainConfig, classes: tuple[str, ...], world_size: int, rng: list[dict[str, torch.Tensor]],
+            normalization: tuple[float, float], run: RunState, metrics: dict[str, float], amp: str,
+            data: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint of a run, in this module's schema (save adds version and digest)."""
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler else None, "scaler": scaler.state_dict(),
+            "config": cfg.to_dict(), "classes": list(classes), "world_size": world_size, "rng": rng,
+            "normalization": {"mean": normalization[0], "std": normalization[1]}, "run": asdict(run),
+            "metrics": metrics, "amp": amp, "data": data}
+
+
+def restore(state: dict[str, Any], path: Path, *, model: nn.Module, optimizer: Optimizer,
+            scheduler: LRScheduler | None, scaler: GradScaler, cfg: TrainConfig, world_size: int, rank: int,
+            device: torch.device, steps_each_epoch: int) -> tuple[RunState, dict[str, float], bool]:
+    """Load a checkpoint into a run's parts: (its RunState, its last record, whether the schedule was re-fitted).
+
+    The same world size and length flags continue exactly where the checkpoint stopped (schedule and each
+    rank's RNG included). Any other shape (another world size, --epochs or --batch-size) changes the shards and
+    the steps per epoch: the current epoch restarts and the schedule is re-fitted to the new length."""
+    try:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        run = RunState(**state["run"])
+        same_shape = state["world_size"] == world_size and all(
+            state["config"].get(name) == getattr(cfg, name) for name in flags_of("length"))
+        if same_shape and scheduler is not None and state["scheduler"]:
+            scheduler.load_state_dict(state["scheduler"])
+        if same_shape:
+            set_rng_state(state["rng"][rank], device)
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
+        raise CheckpointError(f"{path} does not fit this run ({first_line(e, 160)}): use another --run-dir "
+                              f"or --no-resume") from None
+    metrics = dict(state["metrics"] or {})
+    if same_shape:
+        return run, metrics, False
+    run.batch_in_epoch, run.epoch_loss_sum, run.epoch_seconds = 0, 0.0, 0.0
+    if scheduler is not None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # stepping a scheduler without optimiser steps warns
+            for _ in range(run.epoch * steps_each_epoch):
+                scheduler.step()
+    return run, metrics, True
 
 
 def content_digest(state: dict[str, Any]) -> str:
@@ -103,6 +173,16 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
     if state["version"] >= 3 and state.get("digest") != content_digest(state):
         raise CheckpointError(f"{path} is damaged: its contents no longer match the digest written with it; "
                               f"use another checkpoint (last.pt, best.pt, a backup) or train again")
+    return migrate(state)
+
+
+def migrate(state: dict[str, Any]) -> dict[str, Any]:
+    """An older version's fields in this version's schema, so that no reader needs defaults of its own."""
+    state.setdefault("normalization", None)
+    state["normalization"] = state["normalization"] or {"mean": MEAN, "std": STD}  # before --dataset: MNIST
+    for key in ("amp", "data", "metrics", "classes", "scheduler"):
+        state.setdefault(key, None)
+    state["config"].setdefault("dataset", "mnist")
     return state
 
 
@@ -121,15 +201,14 @@ def resume_state(cfg: TrainConfig, last: Path) -> dict[str, Any] | None:
 
 def summary(state: dict[str, Any]) -> dict[str, Any]:
     """What a loaded checkpoint says about the network it holds, for export."""
-    config = state["config"]
-    norm = state.get("normalization") or {"mean": 0.1307, "std": 0.3081}
-    return {"name": config.get("model"), "task": config.get("task"), "classes": state.get("classes"),
-            "dataset": config.get("dataset", "mnist"), "mean": float(norm["mean"]), "std": float(norm["std"]),
-            "epoch": state["run"].get("epoch"), "metrics": state.get("metrics") or {},
-            "data_dir": config.get("data_dir"), "amp": state.get("amp"),
+    config, norm = state["config"], state["normalization"]
+    return {"name": config.get("model"), "task": config.get("task"), "classes": state["classes"],
+            "dataset": config["dataset"], "mean": float(norm["mean"]), "std": float(norm["std"]),
+            "epoch": state["run"].get("epoch"), "metrics": state["metrics"] or {},
+            "data_dir": config.get("data_dir"), "amp": state["amp"],
             # the metrics were scored on these weights (a mid-epoch save keeps the last epoch's record)
             "scored": not state["run"].get("batch_in_epoch"),
-            "test_digest": (state.get("data") or {}).get("test_digest")}
+            "test_digest": (state["data"] or {}).get("test_digest")}
 
 
 def rng_state(device: torch.device) -> dict[str, torch.Tensor]:

@@ -9,7 +9,8 @@ from typing import Any
 
 from serve_cli.cli import FRACTION, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, path_text
 
-from .data import DATASETS, FOLDER_PREFIX, TASKS, folder_path
+from .data import TASKS
+from .datasets import DATASETS, FOLDER_PREFIX, folder_path
 from .models import MODELS, build_model, has_batchnorm
 
 # The recipe of the source documents: torchvision MNIST, batch 64, SGD(lr=0.01, momentum=0.5).

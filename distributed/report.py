@@ -13,6 +13,7 @@ from torch import nn
 
 from serve_cli.files import write_json
 
+from .checkpoint import RunState
 from .config import TrainConfig, flags_of
 from .data import Split, Task
 from .dist import DistEnv
@@ -201,7 +202,7 @@ def epoch_line(record: dict[str, float], epochs: int) -> str:
             f"  {record['images_per_second']:,.0f} img/s  {record['epoch_seconds']:.1f}s")
 
 
-def final_metrics(cfg: TrainConfig, env: DistEnv, task: Task, run: Any, amp: str, test: EvalResult,
+def final_metrics(cfg: TrainConfig, env: DistEnv, task: Task, run: RunState, amp: str, test: EvalResult,
                   val: EvalResult | None, fingerprints: list[str], phases: dict[str, float]) -> dict[str, Any]:
     """metrics.json: the run's result and every piece of work it did, resumed attempts included."""
     return {

@@ -1,9 +1,9 @@
 """Entry point: `torchrun --nproc_per_node=N -m distributed.train` (or plain `python -m distributed.train`).
 
-args -> process group -> data on device -> model (DDP) -> epochs of train/eval -> checkpoints and metrics.
-The training loop is `Trainer.train_epoch`; the checkpoint is `Trainer.state_dict`/`load_state_dict`;
-what the user sees is `report.Reporter` (rank 0). A restarted worker (torchrun --max-restarts) finds
-RUN_DIR/checkpoints/last.pt and carries on from it.
+args -> process group -> the run's parts (build.py: data on the device, model, DDP, a checkpoint restored)
+-> `Trainer.fit`: epochs of `train_epoch` and evaluation -> checkpoints (checkpoint.py) and metrics. What the
+user sees is `report.Reporter` (rank 0). A restarted worker (torchrun --max-restarts) finds
+RUN_DIR/checkpoints/last.pt and carries on from it. `main` maps every user error to one line and an exit code.
 """
 from __future__ import annotations
 
@@ -12,28 +12,25 @@ import os
 import signal
 import sys
 import time
-import warnings
-from contextlib import ExitStack, suppress
-from dataclasses import asdict, dataclass, field
+from contextlib import suppress
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from serve_cli.cli import first_line
 
 from . import checkpoint, dist
+from .build import Parts, build_parts
 from .checkpoint import CheckpointError
-from .config import TrainConfig, flags_of, parse_args
-from .data import (DataError, Split, data_changes, epoch_batches, eval_shard, fingerprint, images_seen, load_data,
-                   make_sampler, steps_per_epoch, task_of)
-from .engine import EvalResult, amp_dtype, evaluate, make_scaler, synchronize, train_step
-from .files import RunDirError, lock_run_dir
-from .models import build_model, has_batchnorm, to_device
-from .optim import build_optimizer, build_scheduler
-from .report import Reporter, done_line, final_metrics
+from .config import TrainConfig, parse_args
+from .data import Split
+from .datasets import DataError
+from .engine import EvalResult, evaluate, synchronize, train_step
+from .files import RunDirError
+from .report import done_line, final_metrics
+from .sampling import epoch_batches, images_seen
 from .timing import Phases
 
 STOP_CHECK_EVERY = 10  # steps between the ranks' agreement on a stop signal and a finite loss (a collective)
@@ -77,21 +74,6 @@ class StopRequest:
 
 
 @dataclass
-class RunState:
-    """What survives a restart besides the weights and optimiser: kept in every checkpoint."""
-    epoch: int = 0  # epochs completed
-    step: int = 0  # optimiser steps completed
-    batch_in_epoch: int = 0  # batches of epoch `epoch` already done (mid-epoch checkpoints)
-    train_seconds: float = 0.0  # every training step ever taken, interrupted attempts included
-    train_images: int = 0
-    epoch_loss_sum: float = 0.0  # the current epoch's work so far (it may span a restart)
-    epoch_seconds: float = 0.0
-    best_val_accuracy: float = -1.0
-    best_epoch: int = 0
-    history: list[dict[str, float]] = field(default_factory=list)
-
-
-@dataclass
 class Segment:
     """Training steps since the last time their work was added to RunState (a save or an epoch's end)."""
     first_batch: int
@@ -106,123 +88,27 @@ class Segment:
 
 
 class Trainer:
-    """The model, optimiser and progress of one run: everything a checkpoint captures, and the loop."""
+    """The loop of one run over its parts (build.py): epochs of steps, agreement between ranks, evaluation,
+    checkpoints and the final metrics."""
 
-    def __init__(self, cfg: TrainConfig, env: dist.DistEnv, stop: StopRequest, phases: Phases) -> None:
+    def __init__(self, cfg: TrainConfig, env: dist.DistEnv, parts: Parts, stop: StopRequest, phases: Phases) -> None:
         self.cfg, self.env, self.stop, self.phases = cfg, env, stop, phases
-        self.run_dir = Path(cfg.run_dir)
-        self.ckpt_dir = self.run_dir / "checkpoints"
-        self.closing = ExitStack()  # what close() undoes, also when __init__ fails half-way
-        try:
-            self._build()
-        except BaseException:
-            self.closing.close()
-            raise
-
-    def _build(self) -> None:
-        cfg, env = self.cfg, self.env
-        self.task = task_of(cfg.dataset, cfg.task)  # a folder's classes are its sub-folders: may raise DataError
-        lock = lock_run_dir(self.run_dir, env)
-        if lock is not None:
-            self.closing.callback(lock.release)
-        with self.phases("checkpoints/logging"):
-            state = checkpoint.resume_state(cfg, self.ckpt_dir / "last.pt")
-        with self.phases("data"):
-            self.train, self.val, self.test, data_notes = load_data(cfg, self.task, env)
-            self.data = fingerprint(self.train, self.val, self.test, self.task.num_classes)
-        if state is not None and state.get("data"):
-            changed = data_changes(state["data"], self.data, self.task.classes)
-            if changed:  # another split, another validation set: not the run the checkpoint belongs to
-                raise CheckpointError(f"{self.ckpt_dir / 'last.pt'} was trained on other data ({cfg.dataset} "
-                                      f"changed: {changed}): restore the data, or start over with --no-resume "
-                                      f"or another --run-dir")
-        self.dtype = amp_dtype(cfg.amp, env.device)
+        self.ckpt_dir = Path(cfg.run_dir) / "checkpoints"
+        self.task, self.data, self.report, self.closing = parts.task, parts.data, parts.report, parts.closing
+        self.train, self.val, self.test = parts.train, parts.val, parts.test
+        self.test_shard, self.val_shard = parts.test_shard, parts.val_shard
+        self.model, self.net, self.dtype = parts.model, parts.net, parts.dtype
         self.amp = str(self.dtype or "off").replace("torch.", "")  # as the checkpoint and metrics name it
+        self.sampler, self.drop_single, self.steps_each_epoch = parts.sampler, parts.drop_single, parts.steps_each_epoch
+        self.optimizer, self.scheduler, self.scaler = parts.optimizer, parts.scheduler, parts.scaler
+        self.run, self.record = parts.run, parts.record
 
-        torch.manual_seed(cfg.seed)  # identical initial weights on every rank (DDP also broadcasts rank 0's)
-        self.model = to_device(build_model(cfg.model, self.task.num_classes), env.device, cfg.channels_last)
-        torch.manual_seed(cfg.seed + env.rank)  # ranks drop out different units (a resume restores each rank's)
-        self.sampler = make_sampler(len(self.train), env.rank, env.world_size, cfg.seed,
-                                    shuffle=not cfg.overfit_batches)
-        # BatchNorm cannot train on one image: such a model leaves out an epoch's last batch when it holds one
-        self.drop_single = has_batchnorm(self.model)
-        self.steps_each_epoch = steps_per_epoch(self.sampler, cfg.batch_size, self.drop_single)
-        self.optimizer = build_optimizer(cfg, self.model.parameters())
-        self.scheduler = build_scheduler(cfg, self.optimizer, self.steps_each_epoch)
-        self.scaler = make_scaler(env.device, self.dtype)
-        self.run = RunState()
-        self.record: dict[str, float] = {}
-        refitted = state is not None and self.load_state_dict(state, self.ckpt_dir / "last.pt")
-        # The training forward may be compiled; self.model stays the plain module that checkpoints, evaluation
-        # and export use (nanoGPT's order: compile, then wrap in DDP).
-        net = torch.compile(self.model) if cfg.compile else self.model
-        # Under torchrun the model is always DDP, one rank too (as nanoGPT does): one code path, and a one-GPU
-        # machine runs the same DDP, buffer broadcast and all-reduces as a cluster.
-        self.net: nn.Module = DDP(net, device_ids=[env.device] if env.device.type == "cuda" else None) \
-            if env.is_distributed else net
-        self.test_shard = eval_shard(len(self.test), env.rank, env.world_size, env.device)
-        self.val_shard = eval_shard(len(self.val), env.rank, env.world_size, env.device)
-
-        self.report = Reporter(cfg, env, self.task, purge_step=self.run.step + 1 if state is not None else None)
-        self.closing.callback(self.report.close)
-        if env.is_main:
-            for stale in self.ckpt_dir.glob(".*.tmp*"):  # a save killed half-way left its temp file
-                stale.unlink(missing_ok=True)
-        if self.steps_each_epoch < steps_per_epoch(self.sampler, cfg.batch_size):
-            data_notes.append(f"{cfg.model} has BatchNorm, which cannot train on one image: each epoch's last batch, "
-                              f"one image per rank, is left out ({env.world_size} of {len(self.train):,} images)")
-        self.report.notes(data_notes, warnings=[env.warning] if env.warning else [])
-        if refitted:
-            self.report.refitted({"world_size": state["world_size"], **state["config"]})
-        resumed_at = None if state is None else (
-            f"epoch {self.run.epoch}" + (f" + {self.run.batch_in_epoch} batches" if self.run.batch_in_epoch else "")
-            + f", step {self.run.step}")
-        with self.phases("checkpoints/logging"):
-            self.report.started(resumed_at, self.model,
-                                self.test.batch(torch.arange(min(2, len(self.test)), device=env.device))[0])
+    @classmethod
+    def build(cls, cfg: TrainConfig, env: dist.DistEnv, stop: StopRequest, phases: Phases) -> Trainer:
+        return cls(cfg, env, build_parts(cfg, env, phases), stop, phases)
 
     def close(self) -> None:
         self.closing.close()
-
-    # -- the checkpoint: writer and reader side by side (schema in checkpoint.py) --------------------
-    def state_dict(self, rng: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict() if self.scheduler else None,
-                "scaler": self.scaler.state_dict(), "config": self.cfg.to_dict(),
-                "classes": list(self.task.classes), "world_size": self.env.world_size, "rng": rng,
-                "normalization": {"mean": self.train.mean, "std": self.train.std},
-                "run": asdict(self.run), "metrics": self.record, "amp": self.amp,
-                "data": self.data}
-
-    def load_state_dict(self, state: dict[str, Any], path: Path) -> bool:
-        """Restore a checkpoint; True when the epoch restarts with a re-fitted schedule (a new shape of run)."""
-        try:
-            self.model.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.scaler.load_state_dict(state["scaler"])
-            self.run = RunState(**state["run"])
-            same_shape = state["world_size"] == self.env.world_size and all(
-                state["config"].get(name) == getattr(self.cfg, name) for name in flags_of("length"))
-            if same_shape and self.scheduler is not None and state["scheduler"]:
-                self.scheduler.load_state_dict(state["scheduler"])
-            if same_shape:
-                checkpoint.set_rng_state(state["rng"][self.env.rank], self.env.device)
-        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
-            raise CheckpointError(f"{path} does not fit this run ({first_line(e, 160)}): use another --run-dir "
-                                  f"or --no-resume") from None
-        self.record = dict(state.get("metrics") or {})
-        if same_shape:
-            return False
-        # Another world size, --epochs or --batch-size: the shards and the steps per epoch changed, so the
-        # current epoch restarts and the LR schedule is re-fitted to the new length.
-        self.run.batch_in_epoch = 0
-        self.run.epoch_loss_sum, self.run.epoch_seconds = 0.0, 0.0
-        if self.scheduler is not None:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # stepping a scheduler without optimiser steps warns
-                for _ in range(self.run.epoch * self.steps_each_epoch):
-                    self.scheduler.step()
-        return True
 
     def save_checkpoint(self, best: bool = False) -> None:
         """Collective (buffers and RNG states of every rank), then rank 0 writes atomically; every rank learns
@@ -232,7 +118,11 @@ class Trainer:
             rng = dist.all_gather_objects(checkpoint.rng_state(self.env.device), self.env)
             error = None
             if self.env.is_main:
-                state = self.state_dict(rng)
+                state = checkpoint.capture(
+                    model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler,
+                    cfg=self.cfg, classes=self.task.classes, world_size=self.env.world_size, rng=rng,
+                    normalization=(self.train.mean, self.train.std), run=self.run, metrics=self.record,
+                    amp=self.amp, data=self.data)
                 try:
                     checkpoint.save(self.ckpt_dir / "last.pt", state)
                     if best:
@@ -244,8 +134,8 @@ class Trainer:
                                                f"earlier checkpoints are kept")
 
     # -- the loop ----------------------------------------------------------------------------------
-    def fit(self, stop_after_epoch: int | None = None) -> dict[str, Any]:
-        """Train to cfg.epochs; returns the final metrics. `stop_after_epoch` stops early, as a preemption would."""
+    def fit(self) -> dict[str, Any]:
+        """Train to cfg.epochs; returns the final metrics. A stop signal raises Preempted once saved."""
         test = val = None
         self.stop.training = True
         while self.run.epoch < self.cfg.epochs:
@@ -256,8 +146,6 @@ class Trainer:
             # a signal during the evaluation: the epoch's checkpoint is saved, stop there
             if stopping or dist.any_rank([self.stop.signal is not None], self.env)[0]:
                 raise Preempted(self.preempted_message())
-            if stop_after_epoch is not None and self.run.epoch >= stop_after_epoch:
-                break
         if test is None:  # resumed a finished run: score the weights we have
             test, val = self.score_all()
         return self.finish(test, val)
@@ -361,11 +249,12 @@ class Trainer:
             return metrics
 
 
-def fit(cfg: TrainConfig, env: dist.DistEnv, stop_after_epoch: int | None = None,
-        stop: StopRequest | None = None, phases: Phases | None = None) -> dict[str, Any]:
-    trainer = Trainer(cfg, env, stop or StopRequest(), phases or Phases())
+def run(cfg: TrainConfig, env: dist.DistEnv, stop: StopRequest | None = None,
+        phases: Phases | None = None) -> dict[str, Any]:
+    """Build the run's parts, train, release the run dir and the writer; the final metrics."""
+    trainer = Trainer.build(cfg, env, stop or StopRequest(), phases or Phases())
     try:
-        return trainer.fit(stop_after_epoch)
+        return trainer.fit()
     finally:
         trainer.close()
 
@@ -379,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     together = False  # every rank left fit() the same way (finished, or agreed to stop): teardown may wait
     try:
         env = dist.setup(cfg.device)
-        metrics = fit(cfg, env, stop=stop, phases=phases)
+        metrics = run(cfg, env, stop=stop, phases=phases)
         together = True
     except Preempted as e:
         together = True

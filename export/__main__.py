@@ -23,7 +23,7 @@ import onnxruntime
 import torch
 
 from distributed.checkpoint import CheckpointError
-from distributed.data import folder_path
+from distributed.datasets import folder_path
 from serve_cli.cli import NON_NEGATIVE, number_in, path_text
 from serve_cli.files import write_json
 from serve_cli.manifest import (FORMAT_VERSION, INPUT_NAME, MANIFEST, OUTPUT_NAME, ManifestError, file_entry, is_ours,

@@ -11,7 +11,8 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from distributed.data import DATASETS, folder_path, task_of
+from distributed.data import task_of
+from distributed.datasets import DATASETS, folder_path
 from serve_cli.cli import first_line
 from serve_cli.manifest import INPUT_NAME, probe_images
 
@@ -76,7 +77,7 @@ def parity_set(data_dir: str | None, dataset: str, task: str, classes: list[str]
     raw = Path(data_dir) / folder / "raw" if data_dir else None
     if raw is None or not any(raw.glob(DATASETS[dataset].file(False, "images") + "*")):
         return random_set(f"no {folder} in {data_dir} (--data-dir DIR points at the dataset root)")
-    from distributed.data import read_mnist
+    from distributed.datasets import read_mnist
     images, digits = read_mnist(data_dir, False, dataset)
     labels = task_of(dataset, task).map_labels(digits)
     name = "MNIST" if dataset == "mnist" else folder

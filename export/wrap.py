@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from distributed import checkpoint
-from distributed.data import DATASETS, MEAN, STD, TASKS, folder_path, task_of
+from distributed.data import MEAN, STD, TASKS, task_of
+from distributed.datasets import DATASETS, folder_path
 from distributed.models import MODELS, build_model
 from serve_cli.cli import first_line
 

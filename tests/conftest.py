@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import struct
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -79,6 +82,21 @@ def resave(path: Path, state: dict) -> None:
     cannot catch: what the other checks are for)."""
     from distributed import checkpoint
     checkpoint.save(path, {k: v for k, v in state.items() if k not in ("version", "digest")})
+
+
+@contextmanager
+def preempted_after_epoch(epoch: int) -> Iterator[None]:
+    """As if SIGTERM arrived during that epoch's evaluation: the run saves the epoch and raises Preempted."""
+    from distributed.train import Trainer
+    end_epoch = Trainer.end_epoch
+
+    def signalled(self, test, val) -> None:
+        end_epoch(self, test, val)
+        if self.run.epoch == epoch:
+            self.stop.signal = signal.SIGTERM
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Trainer, "end_epoch", signalled)
+        yield
 
 
 def free_port() -> int:

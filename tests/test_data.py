@@ -2,8 +2,9 @@ import pytest
 import torch
 
 from conftest import ROOT
-from distributed.data import (MEAN, STD, TASKS, DataError, eval_shard, epoch_batches, load_splits, make_sampler,
-                              normalize, read_mnist, steps_per_epoch, to_unit)
+from distributed.data import MEAN, STD, TASKS, load_splits, normalize, to_unit
+from distributed.datasets import DataError, read_mnist
+from distributed.sampling import eval_shard, epoch_batches, make_sampler, steps_per_epoch
 
 CPU = torch.device("cpu")
 
@@ -111,6 +112,6 @@ def test_extracted_files_are_read_as_torchvision_reads_them_without_importing_it
         ds = MNIST(str(synthetic_data), train=train, download=True)
         assert images.dtype == torch.uint8 and torch.equal(images, ds.data) and torch.equal(digits, ds.targets)
     # torchvision costs ~2 s per process to import: the hot path must not pay it
-    code = (f"import sys; from distributed.data import read_mnist; read_mnist({str(synthetic_data)!r}, True); "
+    code = (f"import sys; from distributed.datasets import read_mnist; read_mnist({str(synthetic_data)!r}, True); "
             f"sys.exit('torchvision' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0

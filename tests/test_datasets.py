@@ -14,7 +14,8 @@ from PIL import Image
 from conftest import ROOT, synthetic_digits, torchrun, write_idx, write_synthetic_mnist
 from distributed import checkpoint
 from distributed.config import TrainConfig, parse_args
-from distributed.data import DATASETS, DataError, normalization_of, read_mnist, task_of
+from distributed.data import normalization_of, task_of
+from distributed.datasets import DATASETS, DataError, read_mnist
 
 FASHION = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 

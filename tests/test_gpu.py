@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, torchrun
+from conftest import ROOT, preempted_after_epoch, torchrun
 
 pytestmark = pytest.mark.gpu
 
@@ -52,14 +52,15 @@ def test_amp_runs_and_resumes(amp: str, synthetic_data, tmp_path: Path) -> None:
     from distributed import checkpoint, dist
     from distributed.config import parse_args
     from distributed.timing import Phases
-    from distributed.train import StopRequest, Trainer, fit
+    from distributed.train import Preempted, StopRequest, Trainer, run
 
     cfg = parse_args(train_args(synthetic_data, tmp_path, "--amp", amp))
     env = dist.setup("cuda")
-    fit(cfg, env, stop_after_epoch=1)
+    with preempted_after_epoch(1), pytest.raises(Preempted):
+        run(cfg, env)
     saved = checkpoint.load(tmp_path / "checkpoints" / "last.pt")
     assert saved["amp"] == {"bf16": "bfloat16", "fp16": "float16"}[amp]
-    trainer = Trainer(cfg, env, StopRequest(), Phases())  # what a restarted worker builds
+    trainer = Trainer.build(cfg, env, StopRequest(), Phases())  # what a restarted worker builds
     try:
         assert trainer.scaler.is_enabled() == (amp == "fp16")  # bf16 needs no loss scaling
         m = trainer.fit()
@@ -79,7 +80,7 @@ def test_compile_compiles_and_checkpoints_plain_weights(synthetic_data, tmp_path
     from distributed.train import StopRequest, Trainer
     counters.clear()
     cfg = parse_args(train_args(synthetic_data, tmp_path, "--compile", "--epochs", "1"))
-    trainer = Trainer(cfg, dist.setup("cuda"), StopRequest(), Phases())
+    trainer = Trainer.build(cfg, dist.setup("cuda"), StopRequest(), Phases())
     try:
         assert isinstance(trainer.net, OptimizedModule)
         m = trainer.fit()
@@ -96,13 +97,13 @@ def test_no_host_sync_between_two_agreement_checks(amp: str, synthetic_data, tmp
     scaler's inf check as a tensor)."""
     from distributed import dist
     from distributed.config import parse_args
-    from distributed.data import epoch_batches
+    from distributed.sampling import epoch_batches
     from distributed.engine import train_step
     from distributed.timing import Phases
     from distributed.train import STOP_CHECK_EVERY, StopRequest, Trainer
     cfg = parse_args(train_args(synthetic_data, tmp_path, "--amp", amp, "--epochs", "1", "--batch-size", "16",
                                 "--augment"))
-    trainer = Trainer(cfg, dist.setup("cuda"), StopRequest(), Phases())
+    trainer = Trainer.build(cfg, dist.setup("cuda"), StopRequest(), Phases())
     try:
         batches = list(epoch_batches(trainer.sampler, 0, cfg.batch_size, trainer.env.device))[:STOP_CHECK_EVERY]
         step = lambda index: train_step(trainer.net, trainer.optimizer, trainer.scheduler, trainer.scaler,  # noqa

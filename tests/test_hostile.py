@@ -359,10 +359,10 @@ def test_damaged_extracted_mnist_is_named(tmp_path: Path, capsys, damage: str, n
 def test_metrics_count_the_work_of_a_stopped_and_resumed_run(synthetic_data, tmp_path: Path) -> None:
     from distributed import dist
     from distributed.config import parse_args
-    from distributed.train import Preempted, StopRequest, fit
+    from distributed.train import Preempted, StopRequest, run
     cfg = parse_args(train_args(synthetic_data, tmp_path, "--batch-size", "16"))
     with pytest.raises(Preempted):
-        fit(cfg, dist.setup("cpu"), stop=StopRequest(signal=15))  # stops at step 10 of 36
+        run(cfg, dist.setup("cpu"), stop=StopRequest(signal=15))  # stops at step 10 of 36
     stopped = checkpoint.load(tmp_path / "checkpoints" / "last.pt")["run"]
     assert stopped["train_images"] == 10 * 16 and stopped["train_seconds"] > 0
     assert train(train_args(synthetic_data, tmp_path, "--batch-size", "16")) == 0

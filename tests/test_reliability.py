@@ -349,7 +349,7 @@ def test_a_signal_during_the_last_evaluation_stops_with_the_epochs_checkpoint(sy
                                                                              monkeypatch) -> None:
     from distributed import checkpoint, dist
     from distributed.config import parse_args
-    from distributed.train import Preempted, StopRequest, Trainer, fit
+    from distributed.train import Preempted, StopRequest, Trainer, run
     stop = StopRequest()
     score_all = Trainer.score_all
 
@@ -360,7 +360,7 @@ def test_a_signal_during_the_last_evaluation_stops_with_the_epochs_checkpoint(sy
     cfg = parse_args(["--data-dir", str(synthetic_data), "--run-dir", str(tmp_path), "--val-size", "64",
                       "--epochs", "1", "--model", "mlp", "--device", "cpu"])
     with pytest.raises(Preempted, match="stopped by signal 15 at epoch 1"):
-        fit(cfg, dist.setup("cpu"), stop=stop)
+        run(cfg, dist.setup("cpu"), stop=stop)
     run = checkpoint.load(tmp_path / "checkpoints" / "last.pt")["run"]
     assert run["epoch"] == 1 and run["batch_in_epoch"] == 0 and not (tmp_path / "metrics.json").exists()
 

@@ -56,7 +56,7 @@ def test_pngs_of_test_images_match_in_memory_predictions(exported_run: Path, tmp
 
 
 def test_mnist_test_set_as_png_equals_in_memory(mnist_export: Path, real_data: Path, tmp_path: Path, capsys) -> None:
-    from distributed.data import read_mnist
+    from distributed.datasets import read_mnist
     images, digits = read_mnist(real_data, train=False)
     images = images.numpy()
     save_pngs(tmp_path / "pngs", images)
@@ -93,7 +93,7 @@ def variants(img: np.ndarray) -> dict[str, Image.Image]:
 
 def test_real_world_variants_are_still_recognised(mnist_export: Path, real_data: Path, tmp_path: Path,
                                                   capsys) -> None:
-    from distributed.data import read_mnist
+    from distributed.datasets import read_mnist
     images, digits = read_mnist(real_data, train=False)
     n = 100
     for i in range(n):

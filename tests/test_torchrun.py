@@ -11,7 +11,8 @@ import torch
 from conftest import ROOT, torchrun, write_synthetic_mnist
 from distributed import checkpoint
 from distributed.config import SEED_RECIPE
-from distributed.data import TASKS, eval_shard, load_splits
+from distributed.data import TASKS, load_splits
+from distributed.sampling import eval_shard
 from distributed.dist import DistEnv
 from distributed.engine import evaluate
 from distributed.models import build_model, to_device

@@ -8,11 +8,11 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import final_weights
+from conftest import final_weights, preempted_after_epoch
 from distributed import checkpoint, dist
 from distributed.config import SEED_RECIPE, parse_args
 from distributed.timing import PHASES
-from distributed.train import fit, main
+from distributed.train import Preempted, main, run
 
 REQUIRED_METRICS = {"test_accuracy", "test_loss", "val_accuracy", "epochs", "world_size",
                     "train_images_per_second", "train_seconds", "task", "model", "classes"}
@@ -81,7 +81,8 @@ def test_same_seed_same_weights(synthetic_data, run_dir: Path, tmp_path: Path) -
 def test_resume_matches_uninterrupted_run(synthetic_data, run_dir: Path, tmp_path: Path) -> None:
     cfg = parse_args(args(synthetic_data, tmp_path))
     env = dist.setup("cpu")
-    fit(cfg, env, stop_after_epoch=1)  # as if preempted after epoch 1
+    with preempted_after_epoch(1), pytest.raises(Preempted, match="at epoch 1"):
+        run(cfg, env)
     assert checkpoint.load(tmp_path / "checkpoints" / "last.pt")["run"]["epoch"] == 1
     assert main(args(synthetic_data, tmp_path)) == 0  # finds last.pt and resumes
     a, b = final_weights(run_dir), final_weights(tmp_path)
@@ -170,12 +171,12 @@ def test_stop_mid_epoch_then_resume_matches_uninterrupted(synthetic_data, tmp_pa
 def stop_mid_epoch_then_resume(data: Path, tmp_path: Path, device: str) -> None:
     """SIGTERM's path in-process: stop at step 10 of 36, checkpoint mid-epoch, resume, same final weights.
     Dropout and augmentation draw random numbers, so each rank's RNG state must come back too."""
-    from distributed.train import Preempted, StopRequest
+    from distributed.train import StopRequest
     extra = ("--batch-size", "16", "--epochs", "1", "--model", "samnet", "--augment", "--device", device, "--run-dir")
     assert main(args(data, tmp_path / "a", *extra, str(tmp_path / "a"))) == 0
     cfg = parse_args(args(data, tmp_path / "b", *extra, str(tmp_path / "b")))
     with pytest.raises(Preempted, match="stopped by signal 15 at epoch 1, step 10"):
-        fit(cfg, dist.setup(device), stop=StopRequest(signal=15))
+        run(cfg, dist.setup(device), stop=StopRequest(signal=15))
     state = checkpoint.load(tmp_path / "b" / "checkpoints" / "last.pt")
     assert (state["run"]["epoch"], state["run"]["step"], state["run"]["batch_in_epoch"]) == (0, 10, 10)
     assert main(args(data, tmp_path / "b", *extra, str(tmp_path / "b"))) == 0
@@ -193,7 +194,7 @@ def test_fp16_overflow_skips_the_step_backs_off_and_the_scale_survives_a_resume(
     from distributed.train import StopRequest, Trainer
     cfg = parse_args(args(synthetic_data, tmp_path, "--amp", "fp16", "--model", "mlp", "--device", device))
     env = dist.setup(device)
-    trainer = Trainer(cfg, env, StopRequest(), Phases())
+    trainer = Trainer.build(cfg, env, StopRequest(), Phases())
     fresh = trainer.scaler.get_scale() if trainer.scaler.is_enabled() else None
     calls = []
 
@@ -202,14 +203,15 @@ def test_fp16_overflow_skips_the_step_backs_off_and_the_scale_survives_a_resume(
         return grad * float("inf") if len(calls) == 3 else grad
     try:
         next(trainer.model.parameters()).register_hook(poison)
-        trainer.fit(stop_after_epoch=1)
+        with preempted_after_epoch(1), pytest.raises(Preempted):
+            trainer.fit()
     finally:
         trainer.close()
     assert trainer.scaler.is_enabled() and fresh == 65536.0
     saved = checkpoint.load(tmp_path / "checkpoints" / "last.pt")
     assert saved["run"]["step"] == 9 and saved["scaler"]["scale"] == fresh / 2
     assert {int(s["step"]) for s in saved["optimizer"]["state"].values()} == {8}
-    resumed = Trainer(cfg, env, StopRequest(), Phases())
+    resumed = Trainer.build(cfg, env, StopRequest(), Phases())
     try:
         assert resumed.scaler.get_scale() == fresh / 2
         assert resumed.fit()["epochs"] == 2
@@ -228,7 +230,8 @@ def test_checkpoint_every_steps_saves_mid_epoch(synthetic_data, tmp_path: Path, 
 
     monkeypatch.setattr(checkpoint, "save", recording_save)
     cfg = parse_args(args(synthetic_data, tmp_path, "--batch-size", "16", "--checkpoint-every-steps", "7"))
-    fit(cfg, dist.setup("cpu"), stop_after_epoch=1)
+    with preempted_after_epoch(1), pytest.raises(Preempted):
+        run(cfg, dist.setup("cpu"))
     # mid-epoch saves every 7 steps (batch_in_epoch > 0), then the epoch-end save at step 36
     assert saved == [(7, 7), (14, 14), (21, 21), (28, 28), (35, 35), (36, 0)]
 
