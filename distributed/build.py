@@ -117,7 +117,8 @@ def _build(cfg: TrainConfig, env: dist.DistEnv, phases: Phases, closing: ExitSta
     if refitted:
         report.refitted({"world_size": state["world_size"], **state["config"]})
     resumed_at = None if state is None else (
-        f"epoch {run.epoch}" + (f" + {run.batch_in_epoch} batches" if run.batch_in_epoch else "") + f", step {run.step}")
+        f"epoch {run.epoch}" + (f" + {run.batch_in_epoch} batches" if run.batch_in_epoch else "")
+        + f", step {run.step}")
     with phases("checkpoints/logging"):
         report.started(resumed_at, model, test.batch(torch.arange(min(2, len(test)), device=env.device))[0])
     return Parts(task, train, val, test, data, model, net, dtype, sampler, drop_single, steps, optimizer, scheduler,

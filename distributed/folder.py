@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from serve_cli.cli import STOP_SIGNALS, stop_signals_blocked
 from serve_cli.files import atomic_write
 from serve_cli.images import IMAGE_SUFFIXES, digits_or_reasons
 
@@ -37,7 +38,6 @@ CACHE_NAME = ".mnist-ddp-cache.pt"
 CACHE_VERSION = 2
 CACHE_MAGIC = b"mnist-ddp folder cache\n"  # the first bytes of every cache we write: ours even when damaged
 TEST_EVERY = 6
-STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 
 class FolderError(ValueError):
@@ -226,11 +226,8 @@ def decode_all(paths: list[Path], chunk: int = 500) -> list[np.ndarray | str]:
     chunks = [paths[i:i + chunk] for i in range(0, len(paths), chunk)]
     if workers <= 1:
         return [r for c in chunks for r in digits_or_reasons(c)]
-    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # inherited by the workers, across exec
-    try:
+    with stop_signals_blocked():  # the workers inherit the mask; a signal that comes meanwhile is delivered after
         pool = multiprocessing.get_context("spawn").Pool(workers, initializer=quiet_worker)
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)  # a signal that came meanwhile is delivered now
     try:
         results = pool.map(digits_or_reasons, chunks)
     except BaseException as e:

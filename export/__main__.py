@@ -10,7 +10,6 @@ import argparse
 import os
 import platform
 import shutil
-import signal
 import sys
 import tempfile
 from datetime import datetime, timezone
@@ -24,7 +23,7 @@ import torch
 
 from distributed.checkpoint import CheckpointError
 from distributed.datasets import folder_path
-from serve_cli.cli import NON_NEGATIVE, number_in, path_text
+from serve_cli.cli import NON_NEGATIVE, Stopped, number_in, path_text, stop_signals_blocked, stop_signals_raise
 from serve_cli.files import write_json
 from serve_cli.manifest import (FORMAT_VERSION, INPUT_NAME, MANIFEST, OUTPUT_NAME, ManifestError, file_entry, is_ours,
                                 is_plain_name, load_json, probe_images, read_manifest, seal, sha256_file, verify_file)
@@ -34,7 +33,6 @@ from .parity import (ParityError, compare, eager_runtime, failures, format_repor
                      parity_set)
 from .wrap import load_for_export
 
-STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 DEFAULT_OPSET = 20
 PROBE_SEED, PROBE_COUNT = 0, 16
 ARTIFACT_FILES = {"onnx": "model.onnx", "torchscript": "model.ts", "exported_program": "model.pt2"}
@@ -188,11 +186,8 @@ def install(staging: Path, out_dir: Path, manifest: dict[str, Any], old: dict[st
     new one does not. Nothing else in out_dir is touched. Each rename is atomic; a reader that comes between
     them sees a manifest whose hashes do not match and refuses, never a mix that answers. A stop signal waits
     until the renames are done (they take milliseconds), so a stopped export is all old or all new."""
-    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-    try:
+    with stop_signals_blocked():
         _install(staging, out_dir, manifest, old)
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
 def _install(staging: Path, out_dir: Path, manifest: dict[str, Any], old: dict[str, Any] | None) -> None:
@@ -234,31 +229,16 @@ def human_size(n: int) -> str:
     return f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.0f} kB"
 
 
-class Stopped(BaseException):
-    """SIGINT or SIGTERM. A BaseException, as KeyboardInterrupt is: no `except Exception` on its way swallows it."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
-
-
-def stop_now(signum: int, frame: object) -> None:
-    raise Stopped(signum)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     sizes = parse_batch_sizes(args.batch_sizes, parser)
-    previous = {signum: signal.signal(signum, stop_now) for signum in STOP_SIGNALS}
     try:
-        return run(args, parser, sizes)
+        with stop_signals_raise():
+            return run(args, parser, sizes)
     except Stopped as e:  # the staging dir is gone (finally); out-dir is as it was
         print(f"error: stopped by signal {e.signum}; nothing was exported or changed", file=sys.stderr)
         return 128 + e.signum
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
 
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser, sizes: list[int]) -> int:

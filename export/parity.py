@@ -43,7 +43,8 @@ def load_runtimes(files: dict[str, Path]) -> dict[str, Runner]:
             scripted = torch.jit.load(str(files["torchscript"]), map_location="cpu")
         program = torch.export.load(str(files["exported_program"])).module()
     except Exception as e:  # each runtime has its own many error types; the user needs the first line
-        raise ParityError(f"an artifact in {files['onnx'].parent} cannot be loaded ({first_line(e)}): re-export") from None
+        raise ParityError(f"an artifact in {files['onnx'].parent} cannot be loaded ({first_line(e)}): "
+                          f"re-export") from None
     return {
         "torchscript": torch_runtime(scripted.eval()),
         "exported_program": torch_runtime(program),

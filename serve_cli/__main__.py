@@ -11,7 +11,6 @@ import argparse
 import itertools
 import json
 import os
-import signal
 import stat
 import sys
 import tempfile
@@ -23,6 +22,7 @@ from typing import Iterable, Iterator, TextIO
 
 import numpy as np
 
+from .cli import Stopped, stop_signals_raise
 from .images import IMAGE_SUFFIXES, find_images
 from .manifest import ManifestError, verify_file
 from .model import MODEL_ENV, LoadedModel, ModelError, default_model_dir, open_manifest, resolve_model, softmax
@@ -32,18 +32,6 @@ from .pool import Chunk, processed_batches, worker_pool
 
 class UsageError(RuntimeError):
     """The command cannot do its job at all: exit 2 with one line."""
-
-
-class Interrupted(BaseException):
-    """SIGINT or SIGTERM: stop promptly, leave no partial output file."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
-
-
-def raise_interrupted(signum: int, frame: object) -> None:
-    raise Interrupted(signum)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -185,7 +173,8 @@ def check_output(output: str | None, inputs: list[str], recursive: bool) -> None
     real = target.resolve()
     for item in map(Path, inputs):
         folder = item.resolve()
-        listed = real.suffix.lower() in IMAGE_SUFFIXES and (real.parent == folder or (recursive and folder in real.parents))
+        listed = real.suffix.lower() in IMAGE_SUFFIXES and (
+            real.parent == folder or (recursive and folder in real.parents))
         if (item.is_file() and folder == real) or (item.is_dir() and listed):
             raise UsageError(f"--output {output} is one of the input images: choose another file name")
 
@@ -303,16 +292,16 @@ def describe(directory: Path, m: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    previous = {signum: signal.signal(signum, raise_interrupted) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
-        return predict(args) if args.command == "predict" else info(args)
+        with stop_signals_raise():  # stop promptly, leave no partial output file
+            return predict(args) if args.command == "predict" else info(args)
     except (UsageError, ModelError) as e:
         print(f"serve_cli: error: {e}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # `serve_cli predict ... | head` is fine
         sys.stderr.close()
         return 0
-    except Interrupted as e:
+    except Stopped as e:
         print(f"serve_cli: interrupted by signal {e.signum}; no --output file was written", file=sys.stderr)
         return 128 + e.signum
     except OutputError as e:  # a full disk or device while writing rows
@@ -322,9 +311,6 @@ def main(argv: list[str] | None = None) -> int:
         where = f"{e.filename}: " if e.filename else ""
         print(f"serve_cli: error: writing the rows: {where}{e.strerror or e}", file=sys.stderr)
         return 1
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
 
 
 if __name__ == "__main__":

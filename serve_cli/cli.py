@@ -1,9 +1,14 @@
-"""What the three command lines share: argparse value types and one-line error text. Imports nothing of ours."""
+"""What the three command lines share: argparse value types, one-line error text, and how a stop signal
+(Ctrl-C, SIGTERM) reaches the program. Imports nothing of ours."""
 from __future__ import annotations
 
 import argparse
 import math
-from typing import Any, Callable
+import signal
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
+
+STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM})
 
 
 def number_in(kind: type, low: float, high: float = math.inf, high_open: bool = False,
@@ -39,3 +44,38 @@ def path_text(text: str) -> str:
 def first_line(error: BaseException, limit: int = 200) -> str:
     """An exception in one short line, for a one-line error message (its type when it says nothing)."""
     return (str(error).strip().splitlines() or [type(error).__name__])[0][:limit]
+
+
+class Stopped(BaseException):
+    """SIGINT or SIGTERM, raised where the program is. A BaseException, as KeyboardInterrupt is: no
+    `except Exception` on its way (a decoder's, a loader's) swallows it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_stopped(signum: int, frame: object) -> None:
+    raise Stopped(signum)
+
+
+@contextmanager
+def stop_signals_raise() -> Iterator[None]:
+    """Within: each stop signal raises Stopped (exit 128 + signum is the caller's); the previous handlers after."""
+    previous = {signum: signal.signal(signum, _raise_stopped) for signum in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+@contextmanager
+def stop_signals_blocked() -> Iterator[None]:
+    """Within: the stop signals wait (delivered at the end). Processes started meanwhile inherit the mask
+    across exec, so they start without being interruptible."""
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)

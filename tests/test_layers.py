@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import ast
+import shutil
+import subprocess
+
+import pytest
 
 from conftest import ROOT
 
@@ -37,3 +41,12 @@ def test_serve_cli_imports_no_torch() -> None:
             {n.module for n in tree.body if isinstance(n, ast.ImportFrom) and n.module}
         assert not {n for n in top_level if n.split(".")[0] == "torch"}, path.name
         assert path.name == "__init__.py" or names  # parsed something
+
+
+def test_ruff_pyflakes_clean() -> None:
+    ruff = shutil.which("ruff") or shutil.which("ruff", path=str(ROOT / ".venv" / "bin"))
+    if ruff is None:
+        pytest.skip("ruff is not installed (pip install -e .[dev])")
+    proc = subprocess.run([ruff, "check", "distributed", "export", "serve_cli", "tests", "benchmarks"], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:]
