@@ -22,6 +22,7 @@ from . import checkpoint, dist
 from .checkpoint import CheckpointError, RunState
 from .config import TrainConfig
 from .data import Split, Task, data_changes, fingerprint, load_data, task_of
+from .datasets import DataError
 from .engine import amp_dtype, make_scaler
 from .files import lock_run_dir
 from .models import build_model, has_batchnorm, to_device
@@ -90,6 +91,10 @@ def _build(cfg: TrainConfig, env: dist.DistEnv, phases: Phases, closing: ExitSta
     torch.manual_seed(cfg.seed + env.rank)  # ranks drop out different units (a resume restores each rank's)
     sampler = make_sampler(len(train), env.rank, env.world_size, cfg.seed, shuffle=not cfg.overfit_batches)
     drop_single = has_batchnorm(model)
+    if drop_single and len(sampler) < 2:
+        raise DataError(f"{cfg.model} has BatchNorm, which needs at least 2 training images per rank, and "
+                        f"{len(train)} over {env.world_size} rank(s) leave {len(sampler)}: lower --val-size, use "
+                        f"fewer ranks, or a model without BatchNorm")
     steps = steps_per_epoch(sampler, cfg.batch_size, drop_single)
     optimizer = build_optimizer(cfg, model.parameters())
     scheduler = build_scheduler(cfg, optimizer, steps)

@@ -68,6 +68,14 @@ def _is_dir(entry: os.DirEntry) -> bool:
         return False
 
 
+def _not_utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # a byte that is not UTF-8, kept by os as a surrogate
+        return True
+    return False
+
+
 def classes_of(root: Path) -> tuple[str, ...]:
     """The class names: the sub-folders (of train/ when the folder has train/ and test/, which must agree)."""
     if not root.is_dir():
@@ -75,6 +83,9 @@ def classes_of(root: Path) -> tuple[str, ...]:
     split = split_folders(root)
     base = root / "train" if split else root
     classes = class_folders(base)
+    unreadable = [name for name in classes if not name.isprintable() or _not_utf8(name)]
+    if unreadable:  # class names go into TensorBoard, the checkpoint and the manifest as text
+        raise FolderError(f"folder:{root}: class folder {unreadable[0]!r} is not a printable UTF-8 name: rename it")
     if len(classes) < 2:
         raise FolderError(f"folder:{root} needs one sub-folder per class (at least 2), "
                           f"found {len(classes)}: put each class's images in {base}/CLASS_NAME/")
@@ -96,7 +107,8 @@ def split_folders(root: Path) -> bool:
 
 
 def is_test(relative: str) -> bool:
-    return int.from_bytes(hashlib.sha256(relative.encode()).digest()[:8], "big") % TEST_EVERY == 0
+    # os.fsencode: a file name that is not UTF-8 hashes as its bytes
+    return int.from_bytes(hashlib.sha256(os.fsencode(relative)).digest()[:8], "big") % TEST_EVERY == 0
 
 
 def class_dirs(root: Path, classes: tuple[str, ...]) -> list[tuple[Path, int, bool | None]]:
@@ -156,7 +168,7 @@ def decoded(root: Path, classes: tuple[str, ...], files: list[tuple[str, int, bo
     cache = root / CACHE_NAME
     saved, ours = read_cache(cache)
     if saved is not None and saved.get("version") == CACHE_VERSION and saved.get("files") == key \
-            and saved.get("classes") == list(classes):
+            and saved.get("classes") == list(classes) and saved.get("digest") == tensors_digest(saved):
         try:
             return check_trainable(root, unpack(saved, classes, from_cache=True, note="from its cache"))
         except (ValueError, KeyError, TypeError):  # damaged inside: decode again, and repair it below
@@ -175,9 +187,21 @@ def decoded(root: Path, classes: tuple[str, ...], files: list[tuple[str, int, bo
     saved = {"version": CACHE_VERSION, "files": key, "classes": list(classes),
              "images": torch.from_numpy(np.stack(images)), "labels": torch.tensor(labels, dtype=torch.int64),
              "test": torch.tensor(tests, dtype=torch.bool), "skipped": [list(s) for s in skipped]}
+    saved["digest"] = tensors_digest(saved)
     data = check_trainable(root, unpack(saved, classes, from_cache=False, note=""))  # before caching what fails
     note = write_cache(cache, saved) if ours else f"decoded; not cached: {cache} is a file this tool did not write"
     return dataclasses.replace(data, cache_note=note)
+
+
+def tensors_digest(saved: dict) -> str | None:
+    """sha256 of the cache's decoded images, labels and split: bytes damaged inside a readable file are caught."""
+    h = hashlib.sha256()
+    try:
+        for name in ("images", "labels", "test"):
+            h.update(saved[name].contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    except (KeyError, AttributeError, RuntimeError, TypeError):
+        return None
+    return h.hexdigest()
 
 
 def read_cache(cache: Path) -> tuple[dict | None, bool]:

@@ -261,6 +261,8 @@ def run(cfg: TrainConfig, env: dist.DistEnv, stop: StopRequest | None = None,
 
 def main(argv: list[str] | None = None) -> int:
     phases = Phases()  # first: start-up counts from the process's start
+    if hasattr(sys.stdout, "reconfigure"):  # a file name that is not UTF-8, in a note, prints as its escapes
+        sys.stdout.reconfigure(errors="backslashreplace")
     cfg = parse_args(argv)
     stop = StopRequest()
     previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGTERM, signal.SIGINT)}

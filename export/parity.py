@@ -78,8 +78,11 @@ def parity_set(data_dir: str | None, dataset: str, task: str, classes: list[str]
     raw = Path(data_dir) / folder / "raw" if data_dir else None
     if raw is None or not any(raw.glob(DATASETS[dataset].file(False, "images") + "*")):
         return random_set(f"no {folder} in {data_dir} (--data-dir DIR points at the dataset root)")
-    from distributed.datasets import read_mnist
-    images, digits = read_mnist(data_dir, False, dataset)
+    from distributed.datasets import DataError, read_mnist
+    try:
+        images, digits = read_mnist(data_dir, False, dataset)
+    except DataError as e:
+        return random_set(f"the test set in {data_dir} cannot be read ({e})")
     labels = task_of(dataset, task).map_labels(digits)
     name = "MNIST" if dataset == "mnist" else folder
     return ParitySet(to_unit(images).numpy(), labels.numpy(), f"{name} test set in {data_dir} ({len(images)} images)",

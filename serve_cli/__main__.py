@@ -119,7 +119,7 @@ def open_output(path: str | None) -> Iterator[TextIO]:
     try:
         with os.fdopen(fd, "w", errors="surrogateescape") as stream:
             yield stream
-        os.chmod(tmp, stat.S_IMODE(target.stat().st_mode) if target.exists() else 0o644)
+        keep_owner_and_mode(tmp, target)
         os.replace(tmp, target)
     except BrokenPipeError:
         Path(tmp).unlink(missing_ok=True)
@@ -132,12 +132,26 @@ def open_output(path: str | None) -> Iterator[TextIO]:
         raise
 
 
+def keep_owner_and_mode(tmp: str, target: Path) -> None:
+    """The replacement keeps the replaced file's permissions and, where we may, its owner (as root, a user's file
+    would otherwise become root's)."""
+    if not target.exists():
+        os.chmod(tmp, 0o644)
+        return
+    info = target.stat()
+    os.chmod(tmp, stat.S_IMODE(info.st_mode))
+    try:
+        os.chown(tmp, info.st_uid, info.st_gid)
+    except PermissionError:
+        pass
+
+
 def writes_through(target: Path) -> bool:
     """Whether --output is something other than a regular file: it is then written in place, never replaced.
 
-    Anything under /dev or /proc counts, whatever it points at: /dev/fd/1 may lead to the shell's redirect file,
-    which only the shell's open descriptor reaches."""
-    if str(target.absolute()).startswith(("/dev/", "/proc/")):
+    Anything under /dev or /proc counts, whatever it points at, and so does a link that leads through them:
+    /dev/fd/1 may lead to the shell's redirect file, which only the shell's open descriptor reaches."""
+    if any(str(step).startswith(("/dev/", "/proc/")) for step in link_chain(target)):
         return True
     try:
         return not stat.S_ISREG(os.stat(target).st_mode)
@@ -145,6 +159,18 @@ def writes_through(target: Path) -> bool:
         return False
     except OSError as e:  # a link loop
         raise UsageError(f"--output {target}: cannot use it ({e.strerror})") from None
+
+
+def link_chain(path: Path, limit: int = 40) -> list[Path]:
+    """The path, then each place its links lead to, one step at a time (absolute, not resolved further)."""
+    steps = [Path(os.path.abspath(path))]
+    while steps[-1].is_symlink() and len(steps) <= limit:
+        try:
+            target = os.readlink(steps[-1])
+        except OSError:
+            break
+        steps.append(Path(os.path.abspath(steps[-1].parent / target)))
+    return steps
 
 
 def real_file(path: str) -> Path:
@@ -164,6 +190,8 @@ def check_output(output: str | None, inputs: list[str], recursive: bool) -> None
     if output is None:
         return
     target = Path(output)
+    if output.endswith("/") and not target.is_dir():  # Path() drops the slash; the shell says "Not a directory"
+        raise UsageError(f"--output {output} ends with / but is not a folder: give a file name")
     if target.is_dir():
         raise UsageError(f"--output {output} is a folder: give a file name")
     if not target.parent.is_dir():
@@ -290,6 +318,17 @@ def describe(directory: Path, m: dict) -> str:
     return "\n".join(lines)
 
 
+def what_became_of(output: str | None) -> str:
+    """After a stop: where the rows went. A replaced file is untouched until the end; the others got part of them."""
+    if output is None:
+        return "the rows printed so far are incomplete"
+    try:
+        through = writes_through(Path(output))
+    except UsageError:
+        through = False
+    return f"{output} holds the rows written so far (incomplete)" if through else "no --output file was written"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -302,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.close()
         return 0
     except Stopped as e:
-        print(f"serve_cli: interrupted by signal {e.signum}; no --output file was written", file=sys.stderr)
+        print(f"serve_cli: interrupted by signal {e.signum}; {what_became_of(args.output)}", file=sys.stderr)
         return 128 + e.signum
     except OutputError as e:  # a full disk or device while writing rows
         print(f"serve_cli: error: {e.strerror}", file=sys.stderr)

@@ -514,3 +514,108 @@ def test_huge_image_is_an_error_row_without_pillows_warning(exported_run: Path, 
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and "image too large" in proc.stdout
     assert "DecompressionBomb" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+# -- a second hostile pass over this round's changes ---------------------------------------------------------
+
+def test_output_link_to_dev_stdout_is_written_through(exported_run: Path, tmp_path: Path) -> None:
+    folder = pngs(tmp_path / "imgs", 3)
+    link = tmp_path / "so"
+    link.symlink_to("/dev/stdout")
+    redirect = tmp_path / "redirect.txt"
+    with open(redirect, "w") as out:
+        proc = subprocess.run([sys.executable, "-m", "serve_cli", *predict(exported_run, folder, link)], cwd=ROOT,
+                              stdout=out, stderr=subprocess.PIPE, text=True, timeout=120)
+        inode = os.fstat(out.fileno()).st_ino
+    assert proc.returncode == 0, proc.stderr
+    assert redirect.stat().st_ino == inode and link.is_symlink()  # the shell's file, not a replacement
+    assert redirect.read_text().startswith("path,") and len(redirect.read_text().splitlines()) == 4
+
+
+def test_output_keeps_its_owner_and_refuses_a_trailing_slash(exported_run: Path, tmp_path: Path, capsys) -> None:
+    folder = pngs(tmp_path / "imgs", 2)
+    owned = tmp_path / "owned.csv"
+    owned.write_text("old\n")
+    try:
+        os.chown(owned, 65534, 65534)
+    except PermissionError:
+        pytest.skip("changing a file's owner needs root")
+    assert serve(predict(exported_run, folder, owned)) == 0
+    assert (owned.stat().st_uid, owned.stat().st_gid) == (65534, 65534) and owned.read_text().startswith("path,")
+    capsys.readouterr()
+    assert serve(predict(exported_run, folder, f"{owned}/")) == 2
+    one_error_line(capsys.readouterr().err, "ends with / but is not a folder")
+    assert owned.read_text().startswith("path,")
+
+
+def test_stop_message_says_where_rows_went(tmp_path: Path) -> None:
+    from serve_cli.__main__ import what_became_of
+    fifo = tmp_path / "rows.fifo"
+    os.mkfifo(fifo)
+    assert what_became_of(str(fifo)) == f"{fifo} holds the rows written so far (incomplete)"
+    assert what_became_of(str(tmp_path / "rows.csv")) == "no --output file was written"
+    assert what_became_of(None) == "the rows printed so far are incomplete"
+
+
+def test_damaged_bytes_inside_a_readable_cache_are_caught_and_repaired(tmp_path: Path) -> None:
+    from distributed.folder import CACHE_NAME, load_folder
+    folder = digit_folder(tmp_path / "pics", per_class=5)
+    first = load_folder(folder)
+    cache = folder / CACHE_NAME
+    data = bytearray(cache.read_bytes())
+    data[-3000:-2800] = bytes(200)  # inside the tensors; the zip and the pickle still read
+    cache.write_bytes(bytes(data))
+    again = load_folder(folder)
+    assert not again.from_cache and again.cache_note == "decoded and cached"
+    assert torch.equal(again.train_images, first.train_images) and load_folder(folder).from_cache
+
+
+def test_names_that_are_not_utf8(tmp_path: Path, capsys) -> None:
+    from distributed.train import main as train
+    folder = digit_folder(tmp_path / "pics")
+    first = sorted((folder / "zero").iterdir())[0]
+    os.rename(first, os.fsencode(first.parent) + b"/caf\xe9.png")  # a file name: trained, like any other
+    assert train(folder_args(folder, tmp_path / "run", 1)) == 0
+    capsys.readouterr()
+    os.rename(folder / "one", os.fsencode(folder) + b"/\xffone")  # a class name: refused in one line
+    assert train(folder_args(folder, tmp_path / "run2", 1)) == 1
+    one_error_line(capsys.readouterr().err, "is not a printable UTF-8 name: rename it")
+
+
+def test_export_with_a_damaged_test_set_gates_on_random_images(ddp_run: Path, synthetic_data: Path,
+                                                              tmp_path: Path, capsys) -> None:
+    import shutil
+    from export.__main__ import main as export
+    data = Path(shutil.copytree(synthetic_data, tmp_path / "data"))
+    images = data / "MNIST" / "raw" / "t10k-images-idx3-ubyte"
+    images.write_bytes(images.read_bytes()[:1000])
+    assert export(["--run-dir", str(ddp_run), "--out-dir", str(tmp_path / "out"), "--data-dir", str(data),
+                   "--batch-sizes", "1,64"]) == 0
+    out = capsys.readouterr().out
+    assert "seeded uniform random images (1000), the test set in" in out and "is damaged" in out
+
+
+def test_batchnorm_needs_two_training_images_per_rank(synthetic_data: Path, tmp_path: Path, capsys) -> None:
+    from distributed.train import main as train
+    assert train(["--data-dir", str(synthetic_data), "--run-dir", str(tmp_path), "--model", "recordnet",
+                  "--val-size", "639", "--epochs", "1", "--device", "cpu"]) == 1
+    one_error_line(capsys.readouterr().err, "needs at least 2 training images per rank")
+
+
+def test_a_mid_epoch_export_does_not_claim_an_earlier_epochs_accuracy(synthetic_data: Path, tmp_path: Path) -> None:
+    import json
+    from distributed import dist
+    from distributed.config import parse_args
+    from distributed.train import Preempted, StopRequest, run
+    from export.__main__ import main as export
+    cfg = parse_args(["--data-dir", str(synthetic_data), "--run-dir", str(tmp_path / "run"), "--val-size", "64",
+                      "--epochs", "2", "--model", "mlp", "--batch-size", "16", "--device", "cpu"])
+    assert run(cfg, dist.setup("cpu"))["epochs"] == 2
+    cfg = parse_args(["--data-dir", str(synthetic_data), "--run-dir", str(tmp_path / "run"), "--val-size", "64",
+                      "--epochs", "3", "--model", "mlp", "--batch-size", "16", "--device", "cpu"])
+    with pytest.raises(Preempted):
+        run(cfg, dist.setup("cpu"), stop=StopRequest(signal=15))  # step 10 of epoch 3: last.pt is mid-epoch
+    assert export(["--checkpoint", str(tmp_path / "run" / "checkpoints" / "last.pt"), "--out-dir",
+                   str(tmp_path / "out"), "--batch-sizes", "1,64"]) == 0
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["source"]["test_accuracy"] is None and manifest["parity"]["training_test_set"] is False
