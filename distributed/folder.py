@@ -30,7 +30,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from serve_cli.cli import STOP_SIGNALS, stop_signals_blocked
 from serve_cli.files import atomic_write
 from serve_cli.images import IMAGE_SUFFIXES, digits_or_reasons
 
@@ -243,15 +242,20 @@ def decode_all(paths: list[Path], chunk: int = 500) -> list[np.ndarray | str]:
     """Every file through serve_cli's preprocessing, in a pool of processes (one per core).
 
     "spawn": a fork of a process that holds torch's thread pools can deadlock. A Ctrl-C reaches the whole
-    process group: the workers ignore it (they start with the stop signals blocked, so not even their
-    start-up can be interrupted) and the parent, stopping, terminates them."""
+    process group: the workers ignore it (they are started with SIGINT ignored, which survives exec, so not
+    even their start-up prints a KeyboardInterrupt; a signal mask would not: the spawn resets it) and the
+    parent, stopping, terminates them (SIGTERM ends a worker silently)."""
     workers = min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1,
                   -(-len(paths) // chunk))
     chunks = [paths[i:i + chunk] for i in range(0, len(paths), chunk)]
     if workers <= 1:
         return [r for c in chunks for r in digits_or_reasons(c)]
-    with stop_signals_blocked():  # the workers inherit the mask; a signal that comes meanwhile is delivered after
+    # For the milliseconds the workers take to start, a Ctrl-C is lost to the parent too; it can be pressed again.
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
         pool = multiprocessing.get_context("spawn").Pool(workers, initializer=quiet_worker)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     try:
         results = pool.map(digits_or_reasons, chunks)
     except BaseException as e:
@@ -272,7 +276,6 @@ def quiet_worker() -> None:
     """A decoding worker: Ctrl-C is the parent's to handle; SIGTERM (the parent's terminate) ends it silently."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
 def unpack(saved: dict, classes: tuple[str, ...], from_cache: bool, note: str) -> FolderData:

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from serve_cli.cli import first_line
+from serve_cli.cli import Stopped, first_line
 
 from . import checkpoint, dist
 from .build import Parts, build_parts
@@ -31,46 +31,14 @@ from .engine import EvalResult, evaluate, synchronize, train_step
 from .files import RunDirError
 from .report import done_line, final_metrics
 from .sampling import epoch_batches, images_seen
+from .stopping import Diverged, Preempted, StopRequest
 from .timing import Phases
 
 STOP_CHECK_EVERY = 10  # steps between the ranks' agreement on a stop signal and a finite loss (a collective)
 FAIL_GRACE_SECONDS = 1.0  # how long the other ranks wait for rank 0 to report an error they all hit
 
 
-class Preempted(Exception):
-    """A stop signal arrived; a checkpoint was saved and the run can resume."""
-
-
-class Interrupted(BaseException):
-    """A stop signal before training began (set-up, data, a folder's decoding): nothing new to save.
-    A BaseException, as KeyboardInterrupt is: no `except Exception` on its way swallows it."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(f"stopped by signal {signum} before training began; nothing new was saved: run the same "
-                         f"command again to start")
-        self.signum = signum
-
-
-class Diverged(RuntimeError):
-    """The loss became NaN or infinite; nothing after the last good checkpoint was saved."""
-
-
 USER_ERRORS = (DataError, CheckpointError, RunDirError, Diverged, dist.LaunchError)
-
-
-@dataclass
-class StopRequest:
-    """Set by the signal handler, read by the training loop: SLURM and Kubernetes stop jobs with SIGTERM.
-
-    Before the loop starts there is nothing to save, so the handler stops the process at once (the data phase
-    may take a while: a folder's first decoding); once it runs, the ranks agree on a step to stop at together."""
-    signal: int | None = None
-    training: bool = False
-
-    def __call__(self, signum: int, frame: Any) -> None:
-        self.signal = signum
-        if not self.training:
-            raise Interrupted(signum)
 
 
 @dataclass
@@ -275,8 +243,9 @@ def main(argv: list[str] | None = None) -> int:
     except Preempted as e:
         together = True
         return fail(str(e), 128 + (stop.signal or signal.SIGTERM), env)
-    except Interrupted as e:
-        return fail(str(e), 128 + e.signum, env)
+    except Stopped as e:  # before training began: nothing new to save
+        return fail(f"stopped by signal {e.signum} before training began; nothing new was saved: run the same "
+                    f"command again to start", 128 + e.signum, env)
     except USER_ERRORS as e:
         return fail(f"error: {e}", 1, env)
     except OSError as e:  # a full disk or a vanished folder while writing: the last checkpoint is intact
@@ -305,7 +274,7 @@ def fail(message: str, code: int, env: dist.DistEnv | None) -> int:
     if (env.rank if env is not None else dist.env_int("RANK", 0)) == 0:
         print(message, file=sys.stderr, flush=True)
     else:
-        with suppress(Interrupted):  # torchrun's SIGTERM, once rank 0 has gone
+        with suppress(Stopped):  # torchrun's SIGTERM, once rank 0 has gone
             time.sleep(FAIL_GRACE_SECONDS)
     return code
 

@@ -11,27 +11,20 @@ import argparse
 import itertools
 import json
 import os
-import stat
 import sys
-import tempfile
 import time
 from concurrent.futures import Executor
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator, TextIO
 
 import numpy as np
 
-from .cli import Stopped, stop_signals_raise
-from .images import IMAGE_SUFFIXES, find_images
+from .cli import Stopped, UsageError, stop_signals_raise
+from .images import find_images
 from .manifest import ManifestError, verify_file
 from .model import MODEL_ENV, LoadedModel, ModelError, default_model_dir, open_manifest, resolve_model, softmax
-from .output import WRITERS, Row
+from .output import WRITERS, OutputError, Row, check_output, open_output, what_became_of
 from .pool import Chunk, processed_batches, worker_pool
-
-
-class UsageError(RuntimeError):
-    """The command cannot do its job at all: exit 2 with one line."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,132 +72,6 @@ def predict_rows(batch: list[Path], chunk: Chunk, model: LoadedModel | None, cla
         top = tuple((classes[c], float(p[c])) for c in np.argsort(-p)[:k]) if k else ()
         rows.append(Row(str(path), classes[best], best, float(p[best]), top))
     return rows
-
-
-class OutputError(OSError):
-    """Writing the rows failed (a full disk or device); the message says what became of --output."""
-
-
-@contextmanager
-def open_output(path: str | None) -> Iterator[TextIO]:
-    """stdout; or, for a regular file (or a link to one, which stays a link), a temp file beside the real file
-    that replaces it only when the run completes; or, for anything else (a device, a FIFO, /dev/fd/N), the
-    path itself, written through: replacing it would swap a system's device node for a file.
-
-    The output is opened first, so an unwritable place fails before any work is done.
-    """
-    if path is None:
-        if hasattr(sys.stdout, "reconfigure"):  # file names that are not UTF-8 print as their bytes
-            sys.stdout.reconfigure(errors="surrogateescape")
-        yield sys.stdout
-        return
-    if writes_through(Path(path)):
-        try:
-            stream = open(path, "w", errors="surrogateescape")
-        except OSError as e:
-            raise UsageError(f"--output {path}: cannot open ({e.strerror})") from None
-        try:
-            with stream:  # closing flushes: a full device fails here
-                yield stream
-        except BrokenPipeError:
-            raise
-        except OSError as e:
-            raise OutputError(e.errno, f"--output {path}: {e.strerror}; the rows may be incomplete") from None
-        return
-    target = real_file(path)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
-    except OSError as e:
-        raise UsageError(f"--output {path}: cannot write in {target.parent} ({e.strerror})") from None
-    try:
-        with os.fdopen(fd, "w", errors="surrogateescape") as stream:
-            yield stream
-        keep_owner_and_mode(tmp, target)
-        os.replace(tmp, target)
-    except BrokenPipeError:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
-        raise OutputError(e.errno, f"{e.filename or path}: {e.strerror}; no --output file was written") from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def keep_owner_and_mode(tmp: str, target: Path) -> None:
-    """The replacement keeps the replaced file's permissions and, where we may, its owner (as root, a user's file
-    would otherwise become root's)."""
-    if not target.exists():
-        os.chmod(tmp, 0o644)
-        return
-    info = target.stat()
-    os.chmod(tmp, stat.S_IMODE(info.st_mode))
-    try:
-        os.chown(tmp, info.st_uid, info.st_gid)
-    except PermissionError:
-        pass
-
-
-def writes_through(target: Path) -> bool:
-    """Whether --output is something other than a regular file: it is then written in place, never replaced.
-
-    Anything under /dev or /proc counts, whatever it points at, and so does a link that leads through them:
-    /dev/fd/1 may lead to the shell's redirect file, which only the shell's open descriptor reaches."""
-    if any(str(step).startswith(("/dev/", "/proc/")) for step in link_chain(target)):
-        return True
-    try:
-        return not stat.S_ISREG(os.stat(target).st_mode)
-    except FileNotFoundError:  # a new file, or a link to one not made yet
-        return False
-    except OSError as e:  # a link loop
-        raise UsageError(f"--output {target}: cannot use it ({e.strerror})") from None
-
-
-def link_chain(path: Path, limit: int = 40) -> list[Path]:
-    """The path, then each place its links lead to, one step at a time (absolute, not resolved further)."""
-    steps = [Path(os.path.abspath(path))]
-    while steps[-1].is_symlink() and len(steps) <= limit:
-        try:
-            target = os.readlink(steps[-1])
-        except OSError:
-            break
-        steps.append(Path(os.path.abspath(steps[-1].parent / target)))
-    return steps
-
-
-def real_file(path: str) -> Path:
-    """The regular file --output names: a link is followed, so that the link stays and its target gets the rows."""
-    target = Path(path)
-    if target.is_symlink():
-        target = Path(os.path.realpath(target))
-    if target.exists() and not os.access(target, os.W_OK):
-        raise UsageError(f"--output {path} is read-only: make it writable or choose another file")
-    if not target.parent.is_dir():
-        raise UsageError(f"--output {path}: folder {target.parent} does not exist")
-    return target
-
-
-def check_output(output: str | None, inputs: list[str], recursive: bool) -> None:
-    """--output must be a new or regular file that is not one of the inputs (it would be overwritten)."""
-    if output is None:
-        return
-    target = Path(output)
-    if output.endswith("/") and not target.is_dir():  # Path() drops the slash; the shell says "Not a directory"
-        raise UsageError(f"--output {output} ends with / but is not a folder: give a file name")
-    if target.is_dir():
-        raise UsageError(f"--output {output} is a folder: give a file name")
-    if not target.parent.is_dir():
-        raise UsageError(f"--output {output}: folder {target.parent} does not exist")
-    if not target.exists():
-        return
-    real = target.resolve()
-    for item in map(Path, inputs):
-        folder = item.resolve()
-        listed = real.suffix.lower() in IMAGE_SUFFIXES and (
-            real.parent == folder or (recursive and folder in real.parents))
-        if (item.is_file() and folder == real) or (item.is_dir() and listed):
-            raise UsageError(f"--output {output} is one of the input images: choose another file name")
 
 
 def check_inputs(inputs: list[str], recursive: bool) -> Iterator[Path]:
@@ -316,17 +183,6 @@ def describe(directory: Path, m: dict) -> str:
     versions = ", ".join(f"{k} {v}" for k, v in m.get("versions", {}).items())
     lines.append(f"created    {m.get('created', '?')} with {versions}")
     return "\n".join(lines)
-
-
-def what_became_of(output: str | None) -> str:
-    """After a stop: where the rows went. A replaced file is untouched until the end; the others got part of them."""
-    if output is None:
-        return "the rows printed so far are incomplete"
-    try:
-        through = writes_through(Path(output))
-    except UsageError:
-        through = False
-    return f"{output} holds the rows written so far (incomplete)" if through else "no --output file was written"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,6 +11,10 @@ from typing import Any, Callable, Iterator
 STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM})
 
 
+class UsageError(RuntimeError):
+    """The command cannot do its job at all: exit 2 with one line."""
+
+
 def number_in(kind: type, low: float, high: float = math.inf, high_open: bool = False,
             low_open: bool = False) -> Callable[[str], Any]:
     """An argparse type: a finite `kind` within the bounds, else a usage error that names them."""
@@ -72,8 +76,7 @@ def stop_signals_raise() -> Iterator[None]:
 
 @contextmanager
 def stop_signals_blocked() -> Iterator[None]:
-    """Within: the stop signals wait (delivered at the end). Processes started meanwhile inherit the mask
-    across exec, so they start without being interruptible."""
+    """Within: the stop signals wait, and are delivered at the end (a few renames that must not be cut short)."""
     blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
         yield

@@ -5,12 +5,12 @@ Imports no torch: serve_cli reads artifacts through this module alone.
 manifest.json (format_version 2):
   model      {name, dataset (absent before format 2 had it: mnist), task, classes (output order), num_classes}
   input      {name, dtype, shape (["N", 1, 28, 28]), range, polarity, preprocessing, normalization {mean, std, applied}}
-  output     {name, dtype, shape (["N", C])}
+  output     {name, dtype, shape (["N", C]), meaning}
   artifacts  {artifact kind: {file, bytes, sha256, ...}} for onnx, torchscript, exported_program
   source     {checkpoint, sha256, epoch, test_accuracy, val_accuracy}
   versions   {torch, onnx, onnxruntime, python}
   parity     {dataset, training_test_set, count, batch_sizes, atol, passed,
-              runtimes {name: {max_abs_diff, top1_agreement, accuracy}}}
+              runtimes {name: {finite, max_abs_diff, top1_agreement, accuracy}}}
   reference  {seed, count, logits}: eager logits on a seeded probe set, for `--verify` without the checkpoint
   created    ISO 8601 time
   digest     sha256 of the canonical JSON of every other field: an edited manifest (class names, their count,

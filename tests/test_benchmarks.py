@@ -35,3 +35,10 @@ def test_train_speed(synthetic_data: Path) -> None:
                 "--recipe", "--epochs 1 --val-size 0 --model mlp --device cpu")
     assert "floor (torchrun" in out
     assert len([line for line in out.splitlines() if "torchrun x2, seed 0 |" in line]) == 2  # digits and binary
+
+
+def test_profile_step_at_two_ranks(synthetic_data: Path) -> None:
+    out = bench("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "benchmarks/profile_step.py",
+                "--warmup", "1", "--steps", "3", "--data-dir", str(synthetic_data), "--val-size", "64",
+                "--model", "fastnet", "--device", "cpu")
+    assert "rank 0 of 2" in out and "rank 1 of 2" in out and "| DDP all-reduce (gloo/NCCL) |" in out

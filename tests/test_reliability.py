@@ -549,7 +549,7 @@ def test_output_keeps_its_owner_and_refuses_a_trailing_slash(exported_run: Path,
 
 
 def test_stop_message_says_where_rows_went(tmp_path: Path) -> None:
-    from serve_cli.__main__ import what_became_of
+    from serve_cli.output import what_became_of
     fifo = tmp_path / "rows.fifo"
     os.mkfifo(fifo)
     assert what_became_of(str(fifo)) == f"{fifo} holds the rows written so far (incomplete)"
