@@ -59,7 +59,8 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=20)
     args, trainer_flags = p.parse_known_args()
     with tempfile.TemporaryDirectory() as run_dir:
-        cfg = parse_args([*trainer_flags, "--run-dir", run_dir, "--no-resume"])
+        # many epochs: the schedule must not end before the profiled steps do (the trainer's flags come after)
+        cfg = parse_args(["--epochs", "1000", *trainer_flags, "--run-dir", run_dir, "--no-resume"])
         env = dist.setup(cfg.device)
         trainer = Trainer.build(cfg, env, StopRequest(), Phases())
         try:
@@ -81,8 +82,10 @@ def main() -> int:
                     torch.cuda.synchronize()
                 wall = time.perf_counter() - start
             totals: dict[str, float] = defaultdict(float)
+            by_operator: dict[str, float] = defaultdict(float)
             for event in prof.key_averages():
                 totals[category(event.key)] += event.self_cpu_time_total / 1e3  # ms
+                by_operator[event.key] += event.self_cpu_time_total / 1e3
             rows = sorted(totals.items(), key=lambda kv: -kv[1])
             measured = sum(totals.values())
             report = [f"rank {env.rank} of {env.world_size}, {cfg.model}, batch {cfg.batch_size}/rank, "
@@ -92,6 +95,8 @@ def main() -> int:
             outside = wall * 1e3 - measured
             report.append(f"| outside operators (Python, autograd engine, waiting) | {outside / args.steps:.2f} | "
                           f"{outside / 1e3 / wall:.0%} |")
+            largest = sorted(by_operator.items(), key=lambda kv: -kv[1])[:8]
+            report.append("largest operators: " + ", ".join(f"{name} {ms / args.steps:.2f} ms" for name, ms in largest))
             gathered = dist.all_gather_objects("\n".join(report), env)
             if env.is_main:
                 print("\n\n".join(gathered))
