@@ -31,7 +31,8 @@ def make_checkpoint(path: Path, model: str, task: str, data_dir: Path | None, de
 
 # One model of each kind (MLP, plain conv, conv + dropout, BatchNorm) and one binary head: the other
 # registry entries are the same layer types in other sizes (test_models checks that each one builds and runs).
-KINDS = [("mlp", "digits"), ("fastnet", "digits"), ("dropcnn", "digits"), ("recordnet", "digits"), ("samnet", "binary")]
+KINDS = [("mlp", "digits"), ("fastnet", "digits"), ("slimnet", "binary"), ("dropcnn", "digits"), ("recordnet", "digits"),
+         ("samnet", "binary")]
 
 
 @pytest.mark.parametrize("model, task", KINDS)
