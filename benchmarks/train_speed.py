@@ -103,6 +103,8 @@ def main() -> None:
     p.add_argument("--seeds", default="0,1,2", help="seeds of the time-to-99%% rows (default recipe, 2 ranks)")
     p.add_argument("--only-seeds", action="store_true", help="only the floor and the time-to-99%% rows")
     p.add_argument("--recipe", default="", help="flags added to the time-to-99%% rows, e.g. '--epochs 1 --val-size 0'")
+    p.add_argument("--versus", default="", help="a second recipe's flags: its time-to-99%% rows run beside the first's, "
+                                                "seed by seed, in the same invocation")
     args = p.parse_args()
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}")
 
@@ -117,10 +119,12 @@ def main() -> None:
         rows.append(ours("digits default, 1 process", args.data_dir, ["--task", "digits"]))
         rows.append(ours("digits default, torchrun x1", args.data_dir, ["--task", "digits"], nproc=1))
         rows.append(ours("digits, channels-last off", args.data_dir, ["--task", "digits", "--no-channels-last"]))
+    recipes = [args.recipe] + ([args.versus] if args.versus else [])
     for task in ("digits", "binary"):
         for seed in args.seeds.split(","):
-            rows.append(ours(f"{task} {args.recipe or 'default'}, torchrun x2, seed {seed}", args.data_dir,
-                             ["--task", task, "--seed", seed, *args.recipe.split()], nproc=2))
+            for recipe in recipes:  # side by side: both recipes see the machine in the same minute
+                rows.append(ours(f"{task} {recipe or 'default'}, torchrun x2, seed {seed}", args.data_dir,
+                                 ["--task", task, "--seed", seed, *recipe.split()], nproc=2))
 
     print(f"\nfloor (torchrun --standalone --nproc_per_node=2 -m distributed.train --help): {floor_s:.1f}s")
     print("\n| recipe | world | epochs | train s | img/s | test acc | whole command s | over floor s | time vs seed |")
@@ -139,7 +143,7 @@ def main() -> None:
             print(f"{fast['name']}: {fast['acc']:.2%} in {fast['train_s']:.1f}s = "
                   f"{seed_final['train_s'] / fast['train_s']:.1f}x less training time "
                   f"({'reaches' if fast['acc'] >= seed_final['acc'] else 'does NOT reach'} the seed's accuracy)")
-    print(f"\ntime to a 99% model, 2 ranks, {args.recipe or 'default flags'} (target: whole command <= floor + 7 s, >= 99.0% each seed):")
+    print("\ntime to a 99% model, 2 ranks (target: whole command <= floor + 7 s, >= 99.0% each seed):")
     for r in (r for r in rows if "torchrun x2, seed" in r["name"]):
         ok = r["acc"] >= 0.99 and r["wall_s"] <= floor_s + 7
         print(f"  {r['name']}: {r['acc']:.2%}, whole command {r['wall_s']:.1f}s = floor {r['wall_s'] - floor_s:+.1f}s"
