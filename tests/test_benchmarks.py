@@ -32,9 +32,11 @@ def test_flops() -> None:
 
 def test_train_speed(synthetic_data: Path) -> None:
     out = bench("benchmarks/train_speed.py", "--data-dir", str(synthetic_data), "--only-seeds", "--seeds", "0",
-                "--recipe", "--epochs 1 --val-size 0 --model mlp --device cpu")
+                "--recipe", "--epochs 1 --val-size 0 --model mlp --device cpu",
+                "--versus", "--epochs 1 --val-size 0 --model slimnet --device cpu")
     assert "floor (torchrun" in out
-    assert len([line for line in out.splitlines() if "torchrun x2, seed 0 |" in line]) == 2  # digits and binary
+    rows = [line for line in out.splitlines() if "torchrun x2, seed 0 |" in line]
+    assert len(rows) == 4 and sum("slimnet" in row for row in rows) == 2  # both recipes, digits and binary
 
 
 def test_profile_step_at_two_ranks(synthetic_data: Path) -> None:
