@@ -27,7 +27,6 @@ Versions 1 and 2 (no digest, amp or data; version 1 has `epoch`/`step` twice) lo
 """
 from __future__ import annotations
 
-import hashlib
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,6 +40,7 @@ from serve_cli.files import atomic_write
 
 from .config import TrainConfig, flags_of
 from .data import MEAN, STD
+from .digest import digest
 
 if TYPE_CHECKING:
     from torch.amp import GradScaler
@@ -118,29 +118,9 @@ def restore(state: dict[str, Any], path: Path, *, model: nn.Module, optimizer: O
 
 
 def content_digest(state: dict[str, Any]) -> str:
-    """sha256 over every value but `digest` itself: tensors by dtype, shape and bytes, the rest by repr, dict
-    keys in sorted order, so that what torch.load gives back hashes as what torch.save was given."""
-    h = hashlib.sha256()
-    _feed(h, {k: v for k, v in state.items() if k != "digest"})
-    return h.hexdigest()
-
-
-def _feed(h: Any, value: Any) -> None:
-    if isinstance(value, torch.Tensor):
-        t = value.detach().cpu().contiguous()
-        h.update(f"T{t.dtype}{tuple(t.shape)}:".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    elif isinstance(value, dict):
-        h.update(f"D{len(value)}:".encode())
-        for key, item in sorted(value.items(), key=lambda kv: repr(kv[0])):
-            h.update(repr(key).encode())
-            _feed(h, item)
-    elif isinstance(value, (list, tuple)):
-        h.update(f"L{len(value)}:".encode())
-        for item in value:
-            _feed(h, item)
-    else:
-        h.update(f"{type(value).__name__}:{value!r};".encode())
+    """sha256 over every value but `digest` itself (digest.py: what torch.load gives back hashes as what
+    torch.save was given)."""
+    return digest({k: v for k, v in state.items() if k != "digest"})
 
 
 def save(path: Path, state: dict[str, Any]) -> None:

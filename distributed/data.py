@@ -7,7 +7,6 @@ The files behind each --dataset are read in datasets.py; each rank's share of th
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -15,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .datasets import DATASETS, DataError, folder_path, read_dataset
+from .digest import digest
 from .dist import DistEnv, all_ok
 
 if TYPE_CHECKING:
@@ -83,21 +83,15 @@ class Split:
 
 
 def split_digest(images: torch.Tensor, labels: torch.Tensor) -> str:
-    """sha256 of uint8 images and int64 class labels: equal digests are the same images with the same labels."""
-    h = hashlib.sha256()
-    for t in (images, labels.to(torch.int64)):
-        t = t.detach().cpu().contiguous()
-        h.update(f"{t.dtype}{tuple(t.shape)}:".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+    """The digest of uint8 images and int64 class labels: equal digests are the same images with the same labels."""
+    return digest(images, labels.to(torch.int64))
 
 
 def fingerprint(train: Split, val: Split, test: Split, num_classes: int) -> dict[str, Any]:
     """What a run trains and is scored on, for its checkpoints: a resume on other data is refused, and export
     compares accuracies only on the very test split the run was scored on."""
     counts = lambda labels: torch.bincount(labels.cpu(), minlength=num_classes).tolist()  # noqa: E731
-    return {"digest": hashlib.sha256("".join(split_digest(s.images, s.labels) for s in (train, val, test))
-                                     .encode()).hexdigest(),
+    return {"digest": digest(*(split_digest(s.images, s.labels) for s in (train, val, test))),
             "test_digest": split_digest(test.images, test.labels),
             "train_counts": [a + b for a, b in zip(counts(train.labels), counts(val.labels))],
             "test_counts": counts(test.labels)}

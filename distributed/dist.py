@@ -1,7 +1,6 @@
 """Process group up and down, device choice, and the few collectives the trainer needs."""
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -10,6 +9,8 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from .digest import digest
 
 
 # How long a collective may wait for a peer: the first download of a dataset by local rank 0 (the others
@@ -177,9 +178,5 @@ def all_gather_objects(obj: object, env: DistEnv) -> list:
 
 
 def weights_fingerprint(module: torch.nn.Module) -> str:
-    """sha256 over the parameters and buffers: equal on every rank when DDP kept replicas in sync."""
-    h = hashlib.sha256()
-    for name, t in sorted(module.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+    """The digest of the parameters and buffers: equal on every rank when DDP kept replicas in sync."""
+    return digest(module.state_dict())

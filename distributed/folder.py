@@ -33,6 +33,8 @@ import torch
 from serve_cli.files import atomic_write
 from serve_cli.images import IMAGE_SUFFIXES, digits_or_reasons
 
+from .digest import digest
+
 CACHE_NAME = ".mnist-ddp-cache.pt"
 CACHE_VERSION = 2
 CACHE_MAGIC = b"mnist-ddp folder cache\n"  # the first bytes of every cache we write: ours even when damaged
@@ -193,14 +195,11 @@ def decoded(root: Path, classes: tuple[str, ...], files: list[tuple[str, int, bo
 
 
 def tensors_digest(saved: dict) -> str | None:
-    """sha256 of the cache's decoded images, labels and split: bytes damaged inside a readable file are caught."""
-    h = hashlib.sha256()
-    try:
-        for name in ("images", "labels", "test"):
-            h.update(saved[name].contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    except (KeyError, AttributeError, RuntimeError, TypeError):
+    """The digest of the cache's decoded images, labels and split: bytes damaged inside a readable file are
+    caught (None when the cache lacks them)."""
+    if not all(isinstance(saved.get(name), torch.Tensor) for name in ("images", "labels", "test")):
         return None
-    return h.hexdigest()
+    return digest(saved["images"], saved["labels"], saved["test"])
 
 
 def read_cache(cache: Path) -> tuple[dict | None, bool]:
