@@ -11,8 +11,9 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from distributed.data import task_of
-from distributed.datasets import DATASETS, folder_path
+from distributed.data import split_digest, task_of, to_unit
+from distributed.datasets import DATASETS, DataError, folder_path, read_mnist
+from distributed.folder import FolderError, load_folder
 from serve_cli.cli import first_line
 from serve_cli.manifest import INPUT_NAME, probe_images
 
@@ -68,32 +69,32 @@ def random_set(why: str, count: int = 1000) -> ParitySet:
     return ParitySet(probe_images(0, count), None, f"seeded uniform random images ({count}), {why}")
 
 
+def labelled_set(images: torch.Tensor, labels: torch.Tensor, where: str) -> ParitySet:
+    """A dataset's uint8 test images and class labels, with the digest the trainer kept of the same split."""
+    return ParitySet(to_unit(images).numpy(), labels.numpy(), f"{where} ({len(images)} images)",
+                     split_digest(images, labels))
+
+
 def parity_set(data_dir: str | None, dataset: str, task: str, classes: list[str]) -> ParitySet:
     """The dataset's test split in [0, 1] with its labels when `data_dir` (the MNIST-format root, or the image
     folder of a folder dataset) holds it; else seeded random images, saying why and how to point at the data."""
-    from distributed.data import split_digest, to_unit
     if folder_path(dataset) is not None:
         return folder_set(Path(data_dir) if data_dir else folder_path(dataset), classes)
     folder = DATASETS[dataset].folder
     raw = Path(data_dir) / folder / "raw" if data_dir else None
     if raw is None or not any(raw.glob(DATASETS[dataset].file(False, "images") + "*")):
         return random_set(f"no {folder} in {data_dir} (--data-dir DIR points at the dataset root)")
-    from distributed.datasets import DataError, read_mnist
     try:
         images, digits = read_mnist(data_dir, False, dataset)
     except DataError as e:
         return random_set(f"the test set in {data_dir} cannot be read ({e})")
     labels = task_of(dataset, task).map_labels(digits)
-    name = "MNIST" if dataset == "mnist" else folder
-    return ParitySet(to_unit(images).numpy(), labels.numpy(), f"{name} test set in {data_dir} ({len(images)} images)",
-                     split_digest(images, labels))
+    return labelled_set(images, labels, f"{'MNIST' if dataset == 'mnist' else folder} test set in {data_dir}")
 
 
 def folder_set(folder: Path, classes: list[str]) -> ParitySet:
     """A folder dataset's test split, decoded as the trainer did; random images when the folder is gone or
     no longer holds the classes the model was trained on."""
-    from distributed.data import split_digest, to_unit
-    from distributed.folder import FolderError, load_folder
     point = "--data-dir FOLDER points at the image folder"
     if not folder.is_dir():
         return random_set(f"image folder {folder} not found ({point})")
@@ -104,9 +105,7 @@ def folder_set(folder: Path, classes: list[str]) -> ParitySet:
     if list(data.classes) != list(classes):
         return random_set(f"image folder {folder} holds classes {', '.join(data.classes)[:80]}, not the model's "
                           f"({point})")
-    x = to_unit(data.test_images).numpy()
-    return ParitySet(x, data.test_labels.numpy(), f"the test split of {folder} ({len(x)} images)",
-                     split_digest(data.test_images, data.test_labels))
+    return labelled_set(data.test_images, data.test_labels, f"the test split of {folder}")
 
 
 def compare(reference: np.ndarray, logits: np.ndarray, labels: np.ndarray | None) -> dict[str, Any]:

@@ -112,14 +112,10 @@ def open_output(path: str | None) -> Iterator[TextIO]:
             yield stream
         keep_owner_and_mode(tmp, target)
         os.replace(tmp, target)
-    except BrokenPipeError:
+    except BaseException as e:  # a stop, a full disk, a closed pipe: the target is as it was
         Path(tmp).unlink(missing_ok=True)
-        raise
-    except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
-        raise OutputError(e.errno, f"{e.filename or path}: {e.strerror}; no --output file was written") from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and not isinstance(e, BrokenPipeError):
+            raise OutputError(e.errno, f"{e.filename or path}: {e.strerror}; no --output file was written") from None
         raise
 
 
