@@ -49,8 +49,6 @@ def main() -> int:
 
     from distributed import dist
     from distributed.config import parse_args
-    from distributed.engine import train_step
-    from distributed.sampling import epoch_batches
     from distributed.timing import Phases
     from distributed.train import StopRequest, Trainer
 
@@ -64,20 +62,16 @@ def main() -> int:
         env = dist.setup(cfg.device)
         trainer = Trainer.build(cfg, env, StopRequest(), Phases())
         try:
-            batches = list(epoch_batches(trainer.sampler, 0, cfg.batch_size, env.device))
-            batches = (batches * (1 + (args.warmup + args.steps) // len(batches)))[:args.warmup + args.steps]
+            order = trainer.plan.order(0, env.device)
+            steps = [k % trainer.plan.steps for k in range(args.warmup + args.steps)]
             trainer.net.train()
-
-            def step(index: torch.Tensor) -> torch.Tensor:
-                return train_step(trainer.net, trainer.optimizer, trainer.scheduler, trainer.scaler,
-                                  *trainer.train.batch(index, cfg.augment), trainer.dtype, cfg.label_smoothing)
-            for index in batches[:args.warmup]:
-                step(index)
+            for k in steps[:args.warmup]:
+                trainer.step(order, k)
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if env.device.type == "cuda" else [])
             with profile(activities=activities) as prof:
                 start = time.perf_counter()
-                for index in batches[args.warmup:]:
-                    step(index)
+                for k in steps[args.warmup:]:
+                    trainer.step(order, k)
                 if env.device.type == "cuda":
                     torch.cuda.synchronize()
                 wall = time.perf_counter() - start
@@ -88,7 +82,8 @@ def main() -> int:
                 by_operator[event.key] += event.self_cpu_time_total / 1e3
             rows = sorted(totals.items(), key=lambda kv: -kv[1])
             measured = sum(totals.values())
-            report = [f"rank {env.rank} of {env.world_size}, {cfg.model}, batch {cfg.batch_size}/rank, "
+            report = [f"rank {env.rank} of {env.world_size}, {cfg.model}, global batch "
+                      f"{trainer.cfg.global_batch_size}, micro-batch {cfg.batch_size}, "
                       f"{args.steps} steps: {wall / args.steps * 1e3:.1f} ms per step",
                       "| where | ms per step | share of wall |", "|---|---|---|"]
             report += [f"| {name} | {ms / args.steps:.2f} | {ms / 1e3 / wall:.0%} |" for name, ms in rows]

@@ -9,6 +9,7 @@ writer purges the steps after the checkpoint. A test can skip all this and make 
 from __future__ import annotations
 
 from contextlib import ExitStack
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,6 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data.distributed import DistributedSampler
 
 from . import checkpoint, dist
 from .checkpoint import CheckpointError, RunState
@@ -28,14 +28,15 @@ from .files import lock_run_dir
 from .models import build_model, has_batchnorm, to_device
 from .optim import build_optimizer, build_scheduler
 from .report import Reporter
-from .sampling import eval_shard, make_sampler, steps_per_epoch
+from .sampling import EpochPlan, eval_shard
 from .timing import Phases
 
 
 @dataclass
 class Parts:
-    """Everything a Trainer runs with. `model` is the plain module (checkpoints, evaluation, export); `net` is
-    what the training forward calls (compiled and/or DDP)."""
+    """Everything a Trainer runs with. `cfg` is the flags with the global batch resolved; `model` is the plain
+    module (checkpoints, evaluation, export); `net` is what the training forward calls (compiled and/or DDP)."""
+    cfg: TrainConfig
     task: Task
     train: Split
     val: Split
@@ -44,9 +45,7 @@ class Parts:
     model: nn.Module
     net: nn.Module
     dtype: torch.dtype | None
-    sampler: DistributedSampler
-    drop_single: bool  # BatchNorm: an epoch's last batch of one image is left out
-    steps_each_epoch: int
+    plan: EpochPlan  # which images each optimiser step trains on, and this rank's part of them
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler | None
     scaler: torch.amp.GradScaler
@@ -76,6 +75,7 @@ def _build(cfg: TrainConfig, env: dist.DistEnv, phases: Phases, closing: ExitSta
         closing.callback(lock.release)
     with phases("checkpoints/logging"):
         state = checkpoint.resume_state(cfg, last)
+    cfg = dataclasses.replace(cfg, global_batch_size=global_batch(cfg, state, env.world_size))
     with phases("data"):
         train, val, test, notes = load_data(cfg, task, env)
         data = fingerprint(train, val, test, task.num_classes)
@@ -89,21 +89,20 @@ def _build(cfg: TrainConfig, env: dist.DistEnv, phases: Phases, closing: ExitSta
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank (DDP also broadcasts rank 0's)
     model = to_device(build_model(cfg.model, task.num_classes), env.device, cfg.channels_last)
     torch.manual_seed(cfg.seed + env.rank)  # ranks drop out different units (a resume restores each rank's)
-    sampler = make_sampler(len(train), env.rank, env.world_size, cfg.seed, shuffle=not cfg.overfit_batches)
-    drop_single = has_batchnorm(model)
-    if drop_single and len(sampler) < 2:
-        raise DataError(f"{cfg.model} has BatchNorm, which needs at least 2 training images per rank, and "
-                        f"{len(train)} over {env.world_size} rank(s) leave {len(sampler)}: lower --val-size, use "
-                        f"fewer ranks, or a model without BatchNorm")
-    steps = steps_per_epoch(sampler, cfg.batch_size, drop_single)
+    plan = EpochPlan(len(train), cfg.global_batch_size, cfg.batch_size, env.rank, env.world_size, cfg.seed,
+                     shuffle=not cfg.overfit_batches, min_share=2 if has_batchnorm(model) else 1)
+    if plan.min_share > len(train):
+        raise DataError(f"{cfg.model} has BatchNorm, which needs at least 2 training images, and {cfg.dataset} "
+                        f"leaves {len(train)}: lower --val-size, or use a model without BatchNorm")
     optimizer = build_optimizer(cfg, model.parameters())
-    scheduler = build_scheduler(cfg, optimizer, steps)
+    scheduler = build_scheduler(cfg, optimizer, plan.steps)
     scaler = make_scaler(env.device, dtype)
-    run, record, refitted = RunState(), {}, False
+    restored = None
     if state is not None:
-        run, record, refitted = checkpoint.restore(
-            state, last, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, cfg=cfg,
-            world_size=env.world_size, rank=env.rank, device=env.device, steps_each_epoch=steps)
+        restored = checkpoint.restore(state, last, model=model, optimizer=optimizer, scheduler=scheduler,
+                                      scaler=scaler, cfg=cfg, rank=env.rank, device=env.device,
+                                      steps_each_epoch=plan.steps)
+    run, record = (restored.run, restored.metrics) if restored else (RunState(), {})
     # The training forward may be compiled (nanoGPT's order: compile, then DDP). Under torchrun the model is
     # always DDP, one rank too: one code path, and a one-GPU machine runs the same all-reduces as a cluster.
     net = torch.compile(model) if cfg.compile else model
@@ -115,17 +114,30 @@ def _build(cfg: TrainConfig, env: dist.DistEnv, phases: Phases, closing: ExitSta
     if env.is_main:
         for stale in last.parent.glob(".*.tmp*"):  # a save killed half-way left its temp file
             stale.unlink(missing_ok=True)
-    if steps < steps_per_epoch(sampler, cfg.batch_size):
-        notes.append(f"{cfg.model} has BatchNorm, which cannot train on one image: each epoch's last batch, one "
-                     f"image per rank, is left out ({env.world_size} of {len(train):,} images)")
+    if plan.images_done(plan.steps) < len(train):
+        notes.append(f"{cfg.model} has BatchNorm, which cannot train on one image: each epoch's last step, one "
+                     f"image, is left out (1 of {len(train):,} images)")
+    if plan.global_batch < plan.min_share * env.world_size:
+        notes.append(f"--global-batch-size {plan.global_batch} is too small for {env.world_size} ranks: some "
+                     f"ranks idle in every step")
     report.notes(notes, warnings=[env.warning] if env.warning else [])
-    if refitted:
-        report.refitted({"world_size": state["world_size"], **state["config"]})
+    if restored:
+        report.resumed_shape(restored.changed, restored.epoch_restarted, state["world_size"], plan.global_batch)
     resumed_at = None if state is None else (
-        f"epoch {run.epoch}" + (f" + {run.batch_in_epoch} batches" if run.batch_in_epoch else "")
+        f"epoch {run.epoch}" + (f" + {run.batch_in_epoch} steps" if run.batch_in_epoch else "")
         + f", step {run.step}")
     with phases("checkpoints/logging"):
         report.started(resumed_at, model, test.batch(torch.arange(min(2, len(test)), device=env.device))[0])
-    return Parts(task, train, val, test, data, model, net, dtype, sampler, drop_single, steps, optimizer, scheduler,
-                 scaler, report, eval_shard(len(test), env.rank, env.world_size, env.device),
+    return Parts(cfg, task, train, val, test, data, model, net, dtype, plan, optimizer, scheduler, scaler, report,
+                 eval_shard(len(test), env.rank, env.world_size, env.device),
                  eval_shard(len(val), env.rank, env.world_size, env.device), run, record, closing)
+
+
+def global_batch(cfg: TrainConfig, state: dict[str, Any] | None, world_size: int) -> int:
+    """--global-batch-size, else the checkpoint's (a resume at another world size keeps the run's steps), else
+    --batch-size x the world size this run starts with."""
+    if cfg.global_batch_size is not None:
+        return cfg.global_batch_size
+    if state is not None:
+        return state["config"]["global_batch_size"]
+    return cfg.batch_size * world_size

@@ -83,38 +83,48 @@ def capture(*, model: nn.Module, optimizer: Optimizer, scheduler: LRScheduler | 
             "metrics": metrics, "amp": amp, "data": data}
 
 
-def restore(state: dict[str, Any], path: Path, *, model: nn.Module, optimizer: Optimizer,
-            scheduler: LRScheduler | None, scaler: GradScaler, cfg: TrainConfig, world_size: int, rank: int,
-            device: torch.device, steps_each_epoch: int) -> tuple[RunState, dict[str, float], bool]:
-    """Load a checkpoint into a run's parts: (its RunState, its last record, whether the schedule was re-fitted).
+@dataclass(frozen=True)
+class Restored:
+    run: RunState
+    metrics: dict[str, float]  # the last completed epoch's record
+    changed: list[str]  # `--flag old -> new` for each length flag that changed: the schedule was re-fitted
+    epoch_restarted: bool  # the global batch changed: the interrupted epoch's steps are other steps now
 
-    The same world size and length flags continue exactly where the checkpoint stopped (schedule and each
-    rank's RNG included). Any other shape (another world size, --epochs or --batch-size) changes the shards and
-    the steps per epoch: the current epoch restarts and the schedule is re-fitted to the new length."""
+
+def restore(state: dict[str, Any], path: Path, *, model: nn.Module, optimizer: Optimizer,
+            scheduler: LRScheduler | None, scaler: GradScaler, cfg: TrainConfig, rank: int,
+            device: torch.device, steps_each_epoch: int) -> Restored:
+    """Load a checkpoint into a run's parts.
+
+    The steps do not depend on the world size (sampling.py), so at any world size with the same length flags
+    the run continues exactly where the checkpoint stopped: same step, same images, same schedule (each rank's
+    RNG too, for the ranks the checkpoint had). Another --epochs re-fits the schedule to the new length; another
+    --global-batch-size also makes other steps of the epoch, so the interrupted epoch restarts."""
     try:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         run = RunState(**state["run"])
-        same_shape = state["world_size"] == world_size and all(
-            state["config"].get(name) == getattr(cfg, name) for name in flags_of("length"))
-        if same_shape and scheduler is not None and state["scheduler"]:
+        saved = state["config"]
+        changed = [f"--{name.replace('_', '-')} {saved.get(name)} -> {getattr(cfg, name)}"
+                   for name in flags_of("length") if saved.get(name) != getattr(cfg, name)]
+        if not changed and scheduler is not None and state["scheduler"]:
             scheduler.load_state_dict(state["scheduler"])
-        if same_shape:
+        if rank < len(state["rng"]):
             set_rng_state(state["rng"][rank], device)
     except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
         raise CheckpointError(f"{path} does not fit this run ({first_line(e, 160)}): use another --run-dir "
                               f"or --no-resume") from None
     metrics = dict(state["metrics"] or {})
-    if same_shape:
-        return run, metrics, False
-    run.batch_in_epoch, run.epoch_loss_sum, run.epoch_seconds = 0, 0.0, 0.0
-    if scheduler is not None:
+    restarted = saved.get("global_batch_size") != cfg.global_batch_size
+    if restarted:
+        run.batch_in_epoch, run.epoch_loss_sum, run.epoch_seconds = 0, 0.0, 0.0
+    if changed and scheduler is not None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # stepping a scheduler without optimiser steps warns
-            for _ in range(run.epoch * steps_each_epoch):
+            for _ in range(run.epoch * steps_each_epoch + run.batch_in_epoch):
                 scheduler.step()
-    return run, metrics, True
+    return Restored(run, metrics, changed, restarted)
 
 
 def content_digest(state: dict[str, Any]) -> str:
@@ -163,6 +173,8 @@ def migrate(state: dict[str, Any]) -> dict[str, Any]:
     for key in ("amp", "data", "metrics", "classes", "scheduler"):
         state.setdefault(key, None)
     state["config"].setdefault("dataset", "mnist")
+    # before --global-batch-size, the global batch was the per-rank batch times the world size
+    state["config"].setdefault("global_batch_size", state["config"].get("batch_size", 64) * state.get("world_size", 1))
     return state
 
 

@@ -55,8 +55,11 @@ class TrainConfig:
     run_dir: str | None = _opt(None, "where checkpoints, TensorBoard events and metrics go (default: runs/TASK)",
                                type=path_text, kind="logistics")
     epochs: int = _opt(2, "number of passes over the training split", type=POSITIVE_INT, kind="length")
-    batch_size: int = _opt(64, "batch size PER RANK (global batch = this x world size)", type=POSITIVE_INT,
-                           kind="length")
+    batch_size: int = _opt(64, "micro-batch: the most images one rank computes at once; it accumulates as many "
+                               "as --global-batch-size needs", type=POSITIVE_INT, kind="runtime")
+    global_batch_size: int | None = _opt(None, "images per optimiser step over all ranks, the same at any world "
+                                               "size (default: --batch-size x the world size at the run's start; "
+                                               "then kept in the checkpoint)", type=POSITIVE_INT, kind="length")
     optimizer: str = _opt("adam", "optimiser", choices=["sgd", "adam", "adamw"])
     lr: float = _opt(5e-3, "learning rate (peak rate for onecycle)", type=POSITIVE)
     momentum: float = _opt(0.9, "SGD momentum, in [0, 1)", type=FRACTION)
@@ -154,7 +157,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     if ns.task is not None and ns.dataset != "mnist":
         parser.error(f"--task {ns.task} is MNIST's; leave --task out to learn {ns.dataset}'s own classes")
     cfg = TrainConfig(**vars(ns))
-    if cfg.batch_size == 1 and has_batchnorm(build_model(cfg.model, 2)):
-        parser.error(f"--batch-size 1: {cfg.model} has BatchNorm, which cannot train on one image at a time; "
-                     f"use --batch-size 2 or more, or a model without BatchNorm")
+    for flag, value in (("--batch-size", cfg.batch_size), ("--global-batch-size", cfg.global_batch_size)):
+        if value == 1 and has_batchnorm(build_model(cfg.model, 2)):
+            parser.error(f"{flag} 1: {cfg.model} has BatchNorm, which cannot train on one image at a time; "
+                         f"use {flag} 2 or more, or a model without BatchNorm")
     return cfg

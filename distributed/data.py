@@ -173,7 +173,7 @@ def load_data(cfg: TrainConfig, task: Task, env: DistEnv) -> tuple[Split, Split,
     train, val, test, notes = splits
     if cfg.overfit_batches:
         # The notebook's sanity check: a model that cannot drive these few batches to ~0 loss is broken.
-        n = min(len(train), cfg.overfit_batches * cfg.batch_size * env.world_size)
+        n = min(len(train), cfg.overfit_batches * cfg.global_batch_size)
         train = train.subset(torch.arange(n, device=env.device))
         val = test = train
     return train, val, test, notes

@@ -4,12 +4,14 @@ The loop that strings steps into epochs, checkpoints and stops lives in the trai
 """
 from __future__ import annotations
 
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .data import Split
 from .dist import DistEnv, all_gather_objects, all_reduce_sum
@@ -41,20 +43,40 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer,
+def train_step(net: nn.Module, optimizer: torch.optim.Optimizer,
                scheduler: torch.optim.lr_scheduler.LRScheduler | None, scaler: torch.amp.GradScaler,
-               x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype | None,
-               label_smoothing: float = 0.0) -> torch.Tensor:
-    """One optimiser step on one batch; returns the detached loss (still on the device: no host sync)."""
-    with autocast(x.device, dtype):
-        loss = F.cross_entropy(model(x), y, label_smoothing=label_smoothing)
+               batches: Sequence[tuple[torch.Tensor, torch.Tensor]], weight: float, dtype: torch.dtype | None,
+               label_smoothing: float = 0.0, idle: int = 0, idle_input: torch.Tensor | None = None) -> torch.Tensor:
+    """One optimiser step over micro-batches (sampling.py): the gradient of the sum over `batches` of
+    `weight` x their summed loss, all-reduced once, in the last backward (DDP's no_sync before it). `idle`
+    zero-weight passes on `idle_input` come first, in eval mode (no BatchNorm statistics, no dropout): they
+    keep every rank's forwards and backwards in step. Returns the weighted loss, on the device (no host sync)."""
+    passes: list[tuple[torch.Tensor, torch.Tensor | None]] = [(idle_input, None)] * idle + list(batches)
     optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
+    losses = []
+    for i, (x, y) in enumerate(passes):
+        with no_sync(net, i < len(passes) - 1):
+            with autocast(x.device, dtype):
+                if y is None:
+                    net.eval()
+                    loss = net(x).float().sum() * 0.0
+                    net.train()
+                else:
+                    loss = F.cross_entropy(net(x), y, reduction="sum", label_smoothing=label_smoothing) * weight
+                    losses.append(loss.detach())
+            scaler.scale(loss).backward()
     scaler.step(optimizer)
     scaler.update()
     if scheduler is not None:
         scheduler.step()
-    return loss.detach()
+    if len(losses) == 1:
+        return losses[0]
+    return torch.stack(losses).sum() if losses else torch.zeros((), device=passes[0][0].device)
+
+
+def no_sync(net: nn.Module, skip: bool) -> AbstractContextManager:
+    """DDP's no_sync when `skip`: this backward accumulates gradients without all-reducing them."""
+    return net.no_sync() if skip and isinstance(net, DDP) else nullcontext()
 
 
 @dataclass(frozen=True)

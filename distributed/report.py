@@ -57,11 +57,19 @@ class Reporter:
             for line in lines:
                 print(line, flush=True)
 
-    def refitted(self, saved: dict[str, Any]) -> None:
-        if self.active:
-            print(f"resuming with world size {self.env.world_size}, --epochs {self.cfg.epochs}, --batch-size "
-                  f"{self.cfg.batch_size} (checkpoint: {saved['world_size']}, {saved['epochs']}, "
-                  f"{saved['batch_size']}): the epoch restarts, schedule re-fitted", flush=True)
+    def resumed_shape(self, changed: list[str], epoch_restarted: bool, saved_world_size: int,
+                      global_batch: int) -> None:
+        """What a resume in another shape keeps: the steps at another world size, the epoch unless the
+        global batch changed."""
+        if not self.active:
+            return
+        if saved_world_size != self.env.world_size:
+            print(f"resuming at world size {self.env.world_size} (checkpoint: {saved_world_size}): the same "
+                  f"{global_batch} images per step" + ("" if epoch_restarted else ", from the same step"), flush=True)
+        if changed:
+            print(f"resuming with {', '.join(changed)}: "
+                  + ("the interrupted epoch restarts, " if epoch_restarted else "")
+                  + "schedule re-fitted to the new length", flush=True)
 
     def step(self, step: int, loss: torch.Tensor, lr: float, epoch: int, batch: int, batches: int) -> None:
         if not self.active or step % self.cfg.log_every:
@@ -207,7 +215,8 @@ def final_metrics(cfg: TrainConfig, env: DistEnv, task: Task, run: RunState, amp
     """metrics.json: the run's result and every piece of work it did, resumed attempts included."""
     return {
         "dataset": cfg.dataset, "task": cfg.task, "model": cfg.model, "classes": list(task.classes),
-        "epochs": run.epoch, "steps": run.step, "world_size": env.world_size, "device": env.device.type,
+        "epochs": run.epoch, "steps": run.step, "global_batch_size": cfg.global_batch_size,
+        "world_size": env.world_size, "device": env.device.type,
         "amp": amp,
         "test_accuracy": test.accuracy, "test_loss": test.loss, "test_count": test.count,
         "val_accuracy": val.accuracy if val else None, "val_loss": val.loss if val else None,

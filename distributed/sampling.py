@@ -1,45 +1,78 @@
-"""Each rank's share of an epoch: DistributedSampler's indices in batches, the steps an epoch takes, the images
-that were trained (without the sampler's padding), and the disjoint, unpadded evaluation shards."""
+"""Which images each rank trains on in each optimiser step, and the disjoint, unpadded evaluation shards.
+
+A run's mathematics does not depend on its world size. An epoch is a permutation of the training split
+(DistributedSampler's: `randperm` seeded with seed + epoch); the k-th optimiser step takes the k-th block of
+`global_batch` indices of it, at every world size. Inside a block:
+  - the ranks share it strided (rank r takes positions r, r + R, r + 2R, ... of the block), so shares differ
+    by one image at most; R is the world size, fewer only when the block has fewer images than ranks (at
+    the epoch's end) or, for a BatchNorm model, fewer than two per rank;
+  - each rank cuts its share into the same number of micro-batches of at most `micro_batch` images (sizes
+    differing by one); a rank with fewer images than micro-steps (or none) makes up the difference with
+    idle passes of zero weight, so that every rank runs the same forwards and backwards (DDP's collectives);
+  - each image's loss is weighted world_size / len(block): DDP's mean over ranks of the summed, weighted
+    losses' gradients is then exactly the mean over the block's images.
+No padding: the epoch's last block is short (len(split) mod global_batch images) and every image of the
+epoch is trained once. With global_batch = micro_batch x world size this is DistributedSampler's order,
+batch for batch, except that its padding (repeats of the first indices) is gone. A BatchNorm model cannot
+normalise one image, so its last block is left out when it holds exactly one image; and with
+`--batch-size 2` its micro-batch takes 3 images rather than leave one alone.
+"""
 from __future__ import annotations
 
-from typing import Iterator
+from dataclasses import dataclass
 
 import torch
-from torch.utils.data.distributed import DistributedSampler
 
 
-def make_sampler(n: int, rank: int, world_size: int, seed: int, shuffle: bool = True) -> DistributedSampler:
-    # DistributedSampler only needs len(); explicit rank/replicas keep it usable without a process group.
-    return DistributedSampler(range(n), num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed)
+@dataclass(frozen=True)
+class StepShare:
+    """One rank's part of one optimiser step."""
+    micro_batches: list[torch.Tensor]  # indices into the training split, in order
+    idle: int  # zero-weight passes this rank makes so that every rank makes the same number
+    weight: float  # each image's summed loss is multiplied by this (world size / images in the step)
+    block: torch.Tensor  # the step's images, all ranks' (an idle pass runs on its first)
 
 
-def epoch_batches(sampler: DistributedSampler, epoch: int, batch_size: int,
-                  device: torch.device) -> Iterator[torch.Tensor]:
-    """This rank's batches of indices for one epoch: every rank gets the same number of batches."""
-    sampler.set_epoch(epoch)
-    index = torch.tensor(list(sampler), dtype=torch.long, device=device)
-    yield from index.split(batch_size)
+@dataclass(frozen=True)
+class EpochPlan:
+    """How a run's training split becomes optimiser steps; everything but `rank` and `world_size` fixes the
+    mathematics, those two only say which part of it this process computes."""
+    images: int  # training images
+    global_batch: int
+    micro_batch: int
+    rank: int
+    world_size: int
+    seed: int
+    shuffle: bool = True
+    min_share: int = 1  # 2 for BatchNorm models: no rank trains on one image alone
 
+    @property
+    def steps(self) -> int:
+        """Optimiser steps per epoch: a function of the split and the global batch alone."""
+        single_left_out = self.min_share > 1 and self.images % self.global_batch == 1 and self.images > 1
+        return -(-self.images // self.global_batch) - single_left_out
 
-def steps_per_epoch(sampler: DistributedSampler, batch_size: int, drop_single: bool = False) -> int:
-    """Batches per rank per epoch; with `drop_single` (BatchNorm models) a last batch of one image is left out:
-    BatchNorm cannot normalise a batch of one."""
-    return -(-len(sampler) // batch_size) - (drop_single and len(sampler) % batch_size == 1 and len(sampler) > 1)
+    def order(self, epoch: int, device: torch.device) -> torch.Tensor:
+        """The epoch's permutation (DistributedSampler's: the same seed + epoch generator)."""
+        if not self.shuffle:
+            return torch.arange(self.images, device=device)
+        generator = torch.Generator()
+        generator.manual_seed(self.seed + epoch)
+        return torch.randperm(self.images, generator=generator).to(device)
 
+    def share(self, order: torch.Tensor, step: int) -> StepShare:
+        """This rank's micro-batches of step `step` (0-based within the epoch) of an epoch's `order`."""
+        block = order[step * self.global_batch:(step + 1) * self.global_batch]
+        ranks = min(self.world_size, len(block) // self.min_share)
+        mine = block[self.rank::ranks] if self.rank < ranks else block[:0]
+        passes = -(-(-(-len(block) // ranks)) // self.micro_batch)  # the largest share's micro-batches
+        pieces = min(passes, len(mine) // self.min_share)
+        micro_batches = list(mine.tensor_split(pieces)) if pieces else []
+        return StepShare(micro_batches, passes - pieces, self.world_size / len(block), block)
 
-def images_seen(sampler: DistributedSampler, batch_size: int, batches: int, drop_single: bool = False) -> int:
-    """Distinct images all ranks trained on in an epoch's first `batches` batches.
-
-    The sampler pads the split to a multiple of the world size by repeating its first indices; the
-    repeats are the last item of some ranks' shards, so they fall in the epoch's last batch (which is the
-    one a BatchNorm model leaves out when it holds one image: then every image it trained on is distinct).
-    """
-    steps = steps_per_epoch(sampler, batch_size, drop_single)
-    per_rank = min(batches * batch_size, sampler.num_samples)
-    padding = sampler.total_size - len(sampler.dataset)
-    if batches >= steps and steps < steps_per_epoch(sampler, batch_size):  # the single last batch left out
-        return (sampler.num_samples - 1) * sampler.num_replicas
-    return per_rank * sampler.num_replicas - (padding if batches >= steps else 0)
+    def images_done(self, steps: int) -> int:
+        """Distinct images trained in an epoch's first `steps` steps, over all ranks."""
+        return min(steps * self.global_batch, self.images)
 
 
 def eval_shard(n: int, rank: int, world_size: int, device: torch.device) -> torch.Tensor:

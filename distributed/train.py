@@ -7,7 +7,6 @@ RUN_DIR/checkpoints/last.pt and carries on from it. `main` maps every user error
 """
 from __future__ import annotations
 
-import itertools
 import os
 import signal
 import sys
@@ -30,7 +29,6 @@ from .datasets import DataError
 from .engine import EvalResult, evaluate, synchronize, train_step
 from .files import RunDirError
 from .report import done_line, final_metrics
-from .sampling import epoch_batches, images_seen
 from .stopping import Diverged, Preempted, StopRequest
 from .timing import Phases
 
@@ -59,21 +57,21 @@ class Trainer:
     """The loop of one run over its parts (build.py): epochs of steps, agreement between ranks, evaluation,
     checkpoints and the final metrics."""
 
-    def __init__(self, cfg: TrainConfig, env: dist.DistEnv, parts: Parts, stop: StopRequest, phases: Phases) -> None:
-        self.cfg, self.env, self.stop, self.phases = cfg, env, stop, phases
-        self.ckpt_dir = Path(cfg.run_dir) / "checkpoints"
+    def __init__(self, env: dist.DistEnv, parts: Parts, stop: StopRequest, phases: Phases) -> None:
+        self.cfg, self.env, self.stop, self.phases = parts.cfg, env, stop, phases
+        self.ckpt_dir = Path(self.cfg.run_dir) / "checkpoints"
         self.task, self.data, self.report, self.closing = parts.task, parts.data, parts.report, parts.closing
         self.train, self.val, self.test = parts.train, parts.val, parts.test
         self.test_shard, self.val_shard = parts.test_shard, parts.val_shard
         self.model, self.net, self.dtype = parts.model, parts.net, parts.dtype
         self.amp = str(self.dtype or "off").replace("torch.", "")  # as the checkpoint and metrics name it
-        self.sampler, self.drop_single, self.steps_each_epoch = parts.sampler, parts.drop_single, parts.steps_each_epoch
+        self.plan = parts.plan
         self.optimizer, self.scheduler, self.scaler = parts.optimizer, parts.scheduler, parts.scaler
         self.run, self.record = parts.run, parts.record
 
     @classmethod
     def build(cls, cfg: TrainConfig, env: dist.DistEnv, stop: StopRequest, phases: Phases) -> Trainer:
-        return cls(cfg, env, build_parts(cfg, env, phases), stop, phases)
+        return cls(env, build_parts(cfg, env, phases), stop, phases)
 
     def close(self) -> None:
         self.closing.close()
@@ -120,20 +118,19 @@ class Trainer:
 
     def train_epoch(self) -> bool:
         """The rest of the current epoch; True when the ranks agreed to stop at its end."""
-        run, cfg = self.run, self.cfg
-        batches = epoch_batches(self.sampler, run.epoch, cfg.batch_size, self.env.device)
+        run, cfg, plan = self.run, self.cfg, self.plan
+        order = plan.order(run.epoch, self.env.device)
         segment = Segment(run.batch_in_epoch)
         self.net.train()
         synchronize(self.env.device)
-        for index in itertools.islice(batches, run.batch_in_epoch, None):  # resuming mid-epoch skips
-            loss = train_step(self.net, self.optimizer, self.scheduler, self.scaler,
-                              *self.train.batch(index, cfg.augment), self.dtype, cfg.label_smoothing)
+        while run.batch_in_epoch < plan.steps:  # resuming mid-epoch starts at the next step, at any world size
+            loss = self.step(order, run.batch_in_epoch)
             segment.add(loss)
             run.step += 1
             run.batch_in_epoch += 1
             self.report.step(run.step, loss, self.optimizer.param_groups[0]["lr"], run.epoch, run.batch_in_epoch,
-                             self.steps_each_epoch)
-            if run.batch_in_epoch == self.steps_each_epoch:
+                             plan.steps)
+            if run.batch_in_epoch == plan.steps:
                 break
             save = cfg.checkpoint_every_steps and run.step % cfg.checkpoint_every_steps == 0
             if save or run.step % STOP_CHECK_EVERY == 0:
@@ -147,6 +144,14 @@ class Trainer:
         stopping = self.agree(segment)
         self.account(segment)
         return stopping
+
+    def step(self, order: torch.Tensor, step: int) -> torch.Tensor:
+        """Optimiser step `step` of the epoch whose permutation is `order`: this rank's micro-batches."""
+        share = self.plan.share(order, step)
+        batches = [self.train.batch(index, self.cfg.augment) for index in share.micro_batches]
+        idle_input = self.train.batch(share.block[:1])[0] if share.idle else None
+        return train_step(self.net, self.optimizer, self.scheduler, self.scaler, batches, share.weight, self.dtype,
+                          self.cfg.label_smoothing, share.idle, idle_input)
 
     def agree(self, segment: Segment) -> bool:
         """One collective: whether any rank got a stop signal (stop together, or the others would wait forever
@@ -164,15 +169,12 @@ class Trainer:
         seconds = time.perf_counter() - segment.start
         loss = segment.loss_sum if segment.loss_sum is not None else torch.zeros((), device=self.env.device)
         loss_sum = dist.all_reduce_sum(loss.float().reshape(1).clone(), self.env).item() / self.env.world_size
-        images = self.images_done(self.run.batch_in_epoch) - self.images_done(segment.first_batch)
+        images = self.plan.images_done(self.run.batch_in_epoch) - self.plan.images_done(segment.first_batch)
         run = self.run
         run.epoch_loss_sum += loss_sum
         run.epoch_seconds += seconds
         run.train_seconds += seconds
         run.train_images += images
-
-    def images_done(self, batches: int) -> int:
-        return images_seen(self.sampler, self.cfg.batch_size, batches, self.drop_single)
 
     def preempted_message(self) -> str:
         return (f"stopped by signal {self.stop.signal} at epoch {self.run.epoch + (self.run.batch_in_epoch > 0)}, "
@@ -198,7 +200,7 @@ class Trainer:
         self.record = {"epoch": run.epoch, "step": run.step,
                        "train_loss": run.epoch_loss_sum / max(run.batch_in_epoch, 1),
                        "test_loss": test.loss, "test_accuracy": test.accuracy,
-                       "images_per_second": self.images_done(run.batch_in_epoch) / max(run.epoch_seconds, 1e-9),
+                       "images_per_second": self.plan.images_done(run.batch_in_epoch) / max(run.epoch_seconds, 1e-9),
                        "epoch_seconds": run.epoch_seconds, "train_seconds": run.train_seconds}
         if val is not None:
             self.record.update(val_loss=val.loss, val_accuracy=val.accuracy)

@@ -4,7 +4,7 @@ import torch
 from conftest import ROOT
 from distributed.data import MEAN, STD, TASKS, load_splits, normalize, to_unit
 from distributed.datasets import DataError, read_mnist
-from distributed.sampling import eval_shard, epoch_batches, make_sampler, steps_per_epoch
+from distributed.sampling import eval_shard
 
 CPU = torch.device("cpu")
 
@@ -20,29 +20,6 @@ def test_normalize() -> None:
     x = normalize(to_unit(torch.tensor([[[0, 255]]], dtype=torch.uint8)))
     assert x.shape == (1, 1, 1, 2) and x.dtype == torch.float32
     assert torch.allclose(x.flatten(), torch.tensor([-MEAN / STD, (1 - MEAN) / STD]))
-
-
-@pytest.mark.parametrize("world", [1, 2, 3])
-def test_train_shards_are_disjoint_cover_and_equal_length(world: int) -> None:
-    n, bs = 101, 8
-    per_rank = []
-    for rank in range(world):
-        sampler = make_sampler(n, rank, world, seed=0)
-        batches = list(epoch_batches(sampler, 0, bs, CPU))
-        assert len(batches) == steps_per_epoch(sampler, bs)
-        per_rank.append(torch.cat(batches).tolist())
-    assert len({len(r) for r in per_rank}) == 1  # same step count on every rank or DDP hangs
-    flat = [i for r in per_rank for i in r]
-    assert set(flat) == set(range(n))
-    assert len(flat) - n == (-n) % world  # only the sampler's padding repeats
-    if world > 1:  # disjoint apart from that padding
-        assert len(set(per_rank[0]) & set(per_rank[1])) <= (-n) % world
-
-
-def test_sampler_reshuffles_every_epoch() -> None:
-    sampler = make_sampler(50, 0, 1, seed=0)
-    a, b = (torch.cat(list(epoch_batches(sampler, e, 50, CPU))).tolist() for e in (0, 1))
-    assert sorted(a) == sorted(b) and a != b
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 7])

@@ -97,23 +97,19 @@ def test_no_host_sync_between_two_agreement_checks(amp: str, synthetic_data, tmp
     scaler's inf check as a tensor)."""
     from distributed import dist
     from distributed.config import parse_args
-    from distributed.sampling import epoch_batches
-    from distributed.engine import train_step
     from distributed.timing import Phases
     from distributed.train import STOP_CHECK_EVERY, StopRequest, Trainer
     cfg = parse_args(train_args(synthetic_data, tmp_path, "--amp", amp, "--epochs", "1", "--batch-size", "16",
                                 "--augment"))
     trainer = Trainer.build(cfg, dist.setup("cuda"), StopRequest(), Phases())
     try:
-        batches = list(epoch_batches(trainer.sampler, 0, cfg.batch_size, trainer.env.device))[:STOP_CHECK_EVERY]
-        step = lambda index: train_step(trainer.net, trainer.optimizer, trainer.scheduler, trainer.scaler,  # noqa
-                                        *trainer.train.batch(index, cfg.augment), trainer.dtype, cfg.label_smoothing)
-        total = step(batches[0])  # the first step initialises cuBLAS/cuDNN and the optimiser state
+        order = trainer.plan.order(0, trainer.env.device)
+        total = trainer.step(order, 0)  # the first step initialises cuBLAS/cuDNN and the optimiser state
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
-            for index in batches[1:]:
-                total = total + step(index)
+            for k in range(1, STOP_CHECK_EVERY):
+                total = total + trainer.step(order, k)
         finally:
             torch.cuda.set_sync_debug_mode(0)
         assert torch.isfinite(total).item()

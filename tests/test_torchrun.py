@@ -100,24 +100,29 @@ def test_three_ranks_uneven_split_and_a_val_split_smaller_than_the_world(tmp_pat
     assert_eval_equals_one_process(data, tmp_path / "run")
 
 
-def test_resume_from_two_ranks_to_one_restarts_the_epoch_and_refits(synthetic_data, tmp_path: Path, capsys) -> None:
+def test_resume_from_two_ranks_to_one_keeps_the_global_batch_and_refits_more_epochs(synthetic_data, tmp_path: Path,
+                                                                                    capsys) -> None:
     from distributed.train import main
     train_torchrun(2, synthetic_data, tmp_path, "--val-size", "64", "--epochs", "1")
-    assert checkpoint.load(tmp_path / "checkpoints" / "last.pt")["run"]["step"] == 5  # ceil(288 / 64)
+    assert checkpoint.load(tmp_path / "checkpoints" / "last.pt")["run"]["step"] == 5  # ceil(576 / (2 x 64))
     assert main(["--data-dir", str(synthetic_data), "--run-dir", str(tmp_path), "--val-size", "64",
                  "--epochs", "2", "--device", "cpu"]) == 0
-    assert "schedule re-fitted" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "resuming at world size 1 (checkpoint: 2): the same 128 images per step" in out
+    assert "resuming with --epochs 1 -> 2: schedule re-fitted to the new length" in out
     state = checkpoint.load(tmp_path / "checkpoints" / "last.pt")
-    assert state["run"]["step"] == 5 + 9  # then one epoch of ceil(576 / 64) steps on one rank
+    assert state["config"]["global_batch_size"] == 128 and state["world_size"] == 1
+    assert state["run"]["step"] == 5 + 5  # the second epoch: the same 5 steps of 128, two micro-batches each
+    assert state["run"]["train_images"] == 2 * 576
     assert [h["epoch"] for h in state["run"]["history"]] == [1, 2]
-    # the schedule was re-fitted to 2 one-rank epochs and fast-forwarded by one: it ends where a fresh one-rank
-    # run's does (a scheduler not fast-forwarded would be half-way; the old 5-step one could not step 9 more times)
+    # the schedule was re-fitted to 2 epochs of 5 steps and fast-forwarded by one epoch: it ends where a fresh
+    # 10-step run's does (not fast-forwarded it would be half-way; the old 5-step one could not step 5 more times)
     opt = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=5e-3)
-    fresh = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=5e-3, total_steps=2 * 9)
-    for _ in range(2 * 9):
+    fresh = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=5e-3, total_steps=2 * 5)
+    for _ in range(2 * 5):
         opt.step()
         fresh.step()
-    assert state["scheduler"]["last_epoch"] == 2 * 9
+    assert state["scheduler"]["last_epoch"] == 2 * 5
     assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(opt.param_groups[0]["lr"], rel=1e-9)
 
 

@@ -133,10 +133,12 @@ def test_overfit_batches_drives_loss_to_zero(synthetic_data, tmp_path: Path) -> 
     assert metrics["test_loss"] < 0.05 and metrics["test_accuracy"] == 1.0
 
 
-def test_batch_size_help_says_per_rank(capsys) -> None:
+def test_batch_size_help_says_micro_batch_and_global_batch(capsys) -> None:
     with pytest.raises(SystemExit):
         parse_args(["--help"])
-    assert "PER RANK" in capsys.readouterr().out
+    out = " ".join(capsys.readouterr().out.split())
+    assert "micro-batch: the most images one rank computes at once" in out
+    assert "images per optimiser step over all ranks, the same at any world size" in out
 
 
 def test_missing_data_dir_is_one_clear_error(tmp_path: Path, capsys) -> None:
