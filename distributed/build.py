@@ -102,7 +102,7 @@ def _build(cfg: TrainConfig, env: dist.DistEnv, phases: Phases, closing: ExitSta
         restored = checkpoint.restore(state, last, model=model, optimizer=optimizer, scheduler=scheduler,
                                       scaler=scaler, cfg=cfg, rank=env.rank, device=env.device,
                                       steps_each_epoch=plan.steps)
-    run, record = (restored.run, restored.metrics) if restored else (RunState(), {})
+    run, record = (restored.run, restored.metrics) if restored else (RunState(steps_per_epoch=plan.steps), {})
     # The training forward may be compiled (nanoGPT's order: compile, then DDP). Under torchrun the model is
     # always DDP, one rank too: one code path, and a one-GPU machine runs the same all-reduces as a cluster.
     net = torch.compile(model) if cfg.compile else model

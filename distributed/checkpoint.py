@@ -8,11 +8,12 @@ Schema (version 3), a plain dict of tensors and plain values:
   optimizer   optimiser state_dict
   scheduler   LR scheduler state_dict, or None (--schedule none)
   scaler      GradScaler state_dict
-  config      TrainConfig as a dict (the flags of the run)
+  config      TrainConfig as a dict (the flags of the run; global_batch_size resolved, absent before it existed:
+              migrated as batch_size x world_size, what it was then)
   classes     class names in output order
   normalization  {mean, std} the network's inputs were normalised with (its dataset's; absent before
               --dataset: MNIST's 0.1307 / 0.3081)
-  world_size  how many ranks wrote it
+  world_size  how many ranks wrote it (the steps do not depend on it: config's global_batch_size fixes them)
   rng         one {cpu[, cuda]} RNG state per rank
   run         RunState as a dict: epoch (completed), step, batch_in_epoch, the work done so far, history
   metrics     the last completed epoch's record
@@ -61,7 +62,8 @@ class RunState:
     """What survives a restart besides the weights and optimiser: kept in every checkpoint."""
     epoch: int = 0  # epochs completed
     step: int = 0  # optimiser steps completed
-    batch_in_epoch: int = 0  # batches of epoch `epoch` already done (mid-epoch checkpoints)
+    batch_in_epoch: int = 0  # steps of epoch `epoch` already done (mid-epoch checkpoints)
+    steps_per_epoch: int = 0  # of the plan the run stepped its schedule with (0: not recorded, before it was)
     train_seconds: float = 0.0  # every training step ever taken, interrupted attempts included
     train_images: int = 0
     epoch_loss_sum: float = 0.0  # the current epoch's work so far (it may span a restart)
@@ -108,6 +110,8 @@ def restore(state: dict[str, Any], path: Path, *, model: nn.Module, optimizer: O
         saved = state["config"]
         changed = [f"--{name.replace('_', '-')} {saved.get(name)} -> {getattr(cfg, name)}"
                    for name in flags_of("length") if saved.get(name) != getattr(cfg, name)]
+        if not changed and run.steps_per_epoch not in (0, steps_each_epoch):  # 0: before it was recorded
+            changed = [f"steps per epoch {run.steps_per_epoch} -> {steps_each_epoch}"]
         if not changed and scheduler is not None and state["scheduler"]:
             scheduler.load_state_dict(state["scheduler"])
         if rank < len(state["rng"]):
@@ -116,15 +120,26 @@ def restore(state: dict[str, Any], path: Path, *, model: nn.Module, optimizer: O
         raise CheckpointError(f"{path} does not fit this run ({first_line(e, 160)}): use another --run-dir "
                               f"or --no-resume") from None
     metrics = dict(state["metrics"] or {})
-    restarted = saved.get("global_batch_size") != cfg.global_batch_size
+    restarted = run.batch_in_epoch > 0 and any(not c.startswith("--epochs") for c in changed)
     if restarted:
         run.batch_in_epoch, run.epoch_loss_sum, run.epoch_seconds = 0, 0.0, 0.0
+    run.steps_per_epoch = steps_each_epoch
     if changed and scheduler is not None:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # stepping a scheduler without optimiser steps warns
-            for _ in range(run.epoch * steps_each_epoch + run.batch_in_epoch):
-                scheduler.step()
+        done = run.epoch * steps_each_epoch + run.batch_in_epoch
+        refit(scheduler, optimizer, min(done, cfg.epochs * steps_each_epoch))
     return Restored(run, metrics, changed, restarted)
+
+
+def refit(scheduler: LRScheduler, optimizer: Optimizer, steps: int) -> None:
+    """The fresh schedule (built for the new length) advanced to `steps`, from each group's initial rate: the
+    optimiser state just loaded holds the old schedule's current one, which chained schedules would build on.
+    Capped by the caller at the new length: a run resumed with fewer --epochs than it has done only scores."""
+    for group in optimizer.param_groups:
+        group["lr"] = group.get("initial_lr", group["lr"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # stepping a scheduler without optimiser steps warns
+        for _ in range(steps):
+            scheduler.step()
 
 
 def content_digest(state: dict[str, Any]) -> str:
@@ -200,7 +215,10 @@ def summary(state: dict[str, Any]) -> dict[str, Any]:
             "data_dir": config.get("data_dir"), "amp": state["amp"],
             # the metrics were scored on these weights (a mid-epoch save keeps the last epoch's record)
             "scored": not state["run"].get("batch_in_epoch"),
-            "test_digest": (state["data"] or {}).get("test_digest")}
+            "test_digest": (state["data"] or {}).get("test_digest"),
+            # how the weights were made: every flag but paths and logging, and the world size that wrote them
+            "training": {**{name: config.get(name) for name in flags_of("recipe", "length", "runtime")},
+                         "world_size": state.get("world_size")}}
 
 
 def rng_state(device: torch.device) -> dict[str, torch.Tensor]:

@@ -65,7 +65,8 @@ class EpochPlan:
         block = order[step * self.global_batch:(step + 1) * self.global_batch]
         ranks = min(self.world_size, len(block) // self.min_share)
         mine = block[self.rank::ranks] if self.rank < ranks else block[:0]
-        passes = -(-(-(-len(block) // ranks)) // self.micro_batch)  # the largest share's micro-batches
+        largest = -(-len(block) // ranks)
+        passes = min(-(-largest // self.micro_batch), largest // self.min_share)  # the largest share's pieces
         pieces = min(passes, len(mine) // self.min_share)
         micro_batches = list(mine.tensor_split(pieces)) if pieces else []
         return StepShare(micro_batches, passes - pieces, self.world_size / len(block), block)

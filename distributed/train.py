@@ -124,12 +124,12 @@ class Trainer:
         self.net.train()
         synchronize(self.env.device)
         while run.batch_in_epoch < plan.steps:  # resuming mid-epoch starts at the next step, at any world size
-            loss = self.step(order, run.batch_in_epoch)
+            loss, per_image = self.step(order, run.batch_in_epoch)
             segment.add(loss)
             run.step += 1
             run.batch_in_epoch += 1
-            self.report.step(run.step, loss, self.optimizer.param_groups[0]["lr"], run.epoch, run.batch_in_epoch,
-                             plan.steps)
+            self.report.step(run.step, loss * per_image, self.optimizer.param_groups[0]["lr"], run.epoch,
+                             run.batch_in_epoch, plan.steps)
             if run.batch_in_epoch == plan.steps:
                 break
             save = cfg.checkpoint_every_steps and run.step % cfg.checkpoint_every_steps == 0
@@ -145,13 +145,16 @@ class Trainer:
         self.account(segment)
         return stopping
 
-    def step(self, order: torch.Tensor, step: int) -> torch.Tensor:
-        """Optimiser step `step` of the epoch whose permutation is `order`: this rank's micro-batches."""
+    def step(self, order: torch.Tensor, step: int) -> tuple[torch.Tensor, float]:
+        """Optimiser step `step` of the epoch whose permutation is `order`: this rank's micro-batches. Returns
+        the weighted loss (summed over ranks: the step's mean) and what turns it into this rank's mean."""
         share = self.plan.share(order, step)
         batches = [self.train.batch(index, self.cfg.augment) for index in share.micro_batches]
         idle_input = self.train.batch(share.block[:1])[0] if share.idle else None
-        return train_step(self.net, self.optimizer, self.scheduler, self.scaler, batches, share.weight, self.dtype,
+        loss = train_step(self.net, self.optimizer, self.scheduler, self.scaler, batches, share.weight, self.dtype,
                           self.cfg.label_smoothing, share.idle, idle_input)
+        images = sum(len(index) for index in share.micro_batches)
+        return loss, 1 / (share.weight * images) if images else 1.0
 
     def agree(self, segment: Segment) -> bool:
         """One collective: whether any rank got a stop signal (stop together, or the others would wait forever

@@ -164,6 +164,10 @@ def describe(directory: Path, m: dict) -> str:
     if src:
         acc = f", test accuracy {src['test_accuracy']:.2%}" if src.get("test_accuracy") is not None else ""
         lines.append(f"source     {src['checkpoint']} (epoch {src['epoch']}{acc})")
+        if src.get("training"):
+            run = src["training"]
+            lines.append(f"training   {run.get('model')}, {run.get('epochs')} epoch(s), {run.get('global_batch_size')} "
+                         f"images per step, world size {run.get('world_size')}, seed {run.get('seed')}")
     for name, entry in m["artifacts"].items():
         try:
             verify_file(directory, m, name)

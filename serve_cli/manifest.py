@@ -7,7 +7,8 @@ manifest.json (format_version 2):
   input      {name, dtype, shape (["N", 1, 28, 28]), range, polarity, preprocessing, normalization {mean, std, applied}}
   output     {name, dtype, shape (["N", C]), meaning}
   artifacts  {artifact kind: {file, bytes, sha256, ...}} for onnx, torchscript, exported_program
-  source     {checkpoint, sha256, epoch, test_accuracy, val_accuracy}
+  source     {checkpoint, sha256, epoch, test_accuracy, val_accuracy, training (the run's flags but paths and
+              logging, global_batch_size included, and world_size; absent in manifests written before it)}
   versions   {torch, onnx, onnxruntime, python}
   parity     {dataset, training_test_set, count, batch_sizes, atol, passed,
               runtimes {name: {finite, max_abs_diff, top1_agreement, accuracy}}}

@@ -104,12 +104,12 @@ def test_no_host_sync_between_two_agreement_checks(amp: str, synthetic_data, tmp
     trainer = Trainer.build(cfg, dist.setup("cuda"), StopRequest(), Phases())
     try:
         order = trainer.plan.order(0, trainer.env.device)
-        total = trainer.step(order, 0)  # the first step initialises cuBLAS/cuDNN and the optimiser state
+        total = trainer.step(order, 0)[0]  # the first step initialises cuBLAS/cuDNN and the optimiser state
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
             for k in range(1, STOP_CHECK_EVERY):
-                total = total + trainer.step(order, k)
+                total = total + trainer.step(order, k)[0]
         finally:
             torch.cuda.set_sync_debug_mode(0)
         assert torch.isfinite(total).item()

@@ -303,6 +303,7 @@ def test_info(exported_run: Path, capsys) -> None:
     assert main(["info", str(exported_run)]) == 0
     out = capsys.readouterr().out
     assert "fastnet (dataset mnist, task digits, 10 classes: 0, 1, 2" in out and "parity     passed" in out and "sha256 ok" in out
+    assert "training   fastnet, 2 epoch(s), 128 images per step, world size 2, seed 0" in out
     assert main(["info", str(exported_run), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["model"]["name"] == "fastnet"
 

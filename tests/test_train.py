@@ -238,12 +238,32 @@ def test_checkpoint_every_steps_saves_mid_epoch(synthetic_data, tmp_path: Path, 
     assert saved == [(7, 7), (14, 14), (21, 21), (28, 28), (35, 35), (36, 0)]
 
 
-def test_resume_with_more_epochs_refits_the_schedule(synthetic_data, tmp_path: Path, capsys) -> None:
-    assert main(args(synthetic_data, tmp_path, "--epochs", "1")) == 0
-    assert main(args(synthetic_data, tmp_path, "--epochs", "3")) == 0  # OneCycle of 1 epoch cannot just go on
-    assert "schedule re-fitted" in capsys.readouterr().out
-    metrics = json.loads((tmp_path / "metrics.json").read_text())
+@pytest.mark.parametrize("schedule", ["onecycle", "cosine", "step"])
+def test_resume_with_more_epochs_refits_the_schedule(synthetic_data, tmp_path: Path, capsys, schedule: str) -> None:
+    """1 epoch, then resumed to 3: the learning rates of a 3-epoch run from the start (a chained schedule, cosine
+    or step, re-fitted from the rate the checkpoint had reached would compound it)."""
+    flags = ("--model", "mlp", "--schedule", schedule)
+    assert main(args(synthetic_data, tmp_path / "resumed", *flags, "--epochs", "1")) == 0
+    assert main(args(synthetic_data, tmp_path / "resumed", *flags, "--epochs", "3")) == 0  # OneCycle cannot go on
+    assert "resuming with --epochs 1 -> 3: schedule re-fitted to the new length" in capsys.readouterr().out
+    metrics = json.loads((tmp_path / "resumed" / "metrics.json").read_text())
     assert metrics["epochs"] == 3 and [h["epoch"] for h in metrics["history"]] == [1, 2, 3]
+    assert main(args(synthetic_data, tmp_path / "straight", *flags, "--epochs", "3")) == 0
+    lr = [checkpoint.load(tmp_path / name / "checkpoints" / "last.pt")["optimizer"]["param_groups"][0]["lr"]
+          for name in ("resumed", "straight")]
+    assert lr[0] == pytest.approx(lr[1], rel=1e-12)
+
+
+def test_resume_with_fewer_epochs_than_done_mid_epoch_only_scores(synthetic_data, tmp_path: Path) -> None:
+    from distributed.train import Preempted, StopRequest
+    cfg = parse_args(args(synthetic_data, tmp_path, "--model", "mlp", "--batch-size", "16", "--epochs", "1"))
+    assert run(cfg, dist.setup("cpu"))["epochs"] == 1
+    cfg = parse_args(args(synthetic_data, tmp_path, "--model", "mlp", "--batch-size", "16", "--epochs", "3"))
+    with pytest.raises(Preempted):
+        run(cfg, dist.setup("cpu"), stop=StopRequest(signal=15))  # mid-epoch 2
+    assert checkpoint.load(tmp_path / "checkpoints" / "last.pt")["run"]["batch_in_epoch"] > 0
+    assert main(args(synthetic_data, tmp_path, "--model", "mlp", "--batch-size", "16", "--epochs", "1")) == 0
+    assert json.loads((tmp_path / "metrics.json").read_text())["epochs"] == 1
 
 
 def test_augment_and_label_smoothing_train(synthetic_data, tmp_path: Path) -> None:
