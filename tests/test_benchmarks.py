@@ -44,3 +44,15 @@ def test_profile_step_at_two_ranks(synthetic_data: Path) -> None:
                 "--warmup", "1", "--steps", "3", "--data-dir", str(synthetic_data), "--val-size", "64",
                 "--model", "fastnet", "--device", "cpu")
     assert "rank 0 of 2" in out and "rank 1 of 2" in out and "| DDP all-reduce (gloo/NCCL) |" in out
+
+
+def test_elastic(tmp_path: Path) -> None:
+    from conftest import write_synthetic_mnist
+    data = write_synthetic_mnist(tmp_path / "data", n_train=3064, n_test=100)  # 47 steps of 64 an epoch
+    out = bench("benchmarks/elastic.py", "--data-dir", str(data), "--kill-at", "20", "--", "--model", "mlp",
+                "--val-size", "64", "--epochs", "3", "--checkpoint-every-steps", "5")
+    rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert [row[0] for row in rows] == ["| 2 ranks x 32", "| 1 rank x 32, accumulating 2", "| 2 nodes, uninterrupted",
+                                        "| 2 nodes, one lost after step 20"]
+    assert {row[2] for row in rows} == {"141"} and {row[3] for row in rows} == {"9,000"}  # the same steps, images
+    assert int(rows[3][6]) >= 20
