@@ -101,6 +101,7 @@ def main() -> None:
     p.add_argument("--seed-epochs", type=int, default=3)
     p.add_argument("--skip-seed", action="store_true", help="leave out the seed recipe (about 90 s)")
     p.add_argument("--seeds", default="0,1,2", help="seeds of the time-to-99%% rows (default recipe, 2 ranks)")
+    p.add_argument("--nproc", type=int, default=2, help="ranks of the time-to-99%% rows (the floor uses as many)")
     p.add_argument("--only-seeds", action="store_true", help="only the floor and the time-to-99%% rows")
     p.add_argument("--recipe", default="", help="flags added to the time-to-99%% rows, e.g. '--epochs 1 --val-size 0'")
     p.add_argument("--versus", default="", help="a second recipe's flags: its time-to-99%% rows run beside the first's, "
@@ -108,8 +109,8 @@ def main() -> None:
     args = p.parse_args()
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}")
 
-    floor_s = floor()
-    print(f"  floor: torchrun x2 ... --help took {floor_s:.1f}s", flush=True)
+    floor_s = floor(args.nproc)
+    print(f"  floor: torchrun x{args.nproc} ... --help took {floor_s:.1f}s", flush=True)
     rows = [] if args.skip_seed or args.only_seeds else seed_recipe(args.data_dir, args.seed_epochs)
     if not args.only_seeds:
         binary_fast = ["--task", "binary", "--model", "samnet", "--batch-size", "256", "--lr", "1e-2", "--epochs", "1"]
@@ -123,10 +124,10 @@ def main() -> None:
     for task in ("digits", "binary"):
         for seed in args.seeds.split(","):
             for recipe in recipes:  # side by side: both recipes see the machine in the same minute
-                rows.append(ours(f"{task} {recipe or 'default'}, torchrun x2, seed {seed}", args.data_dir,
-                                 ["--task", task, "--seed", seed, *recipe.split()], nproc=2))
+                rows.append(ours(f"{task} {recipe or 'default'}, torchrun x{args.nproc}, seed {seed}", args.data_dir,
+                                 ["--task", task, "--seed", seed, *recipe.split()], nproc=args.nproc))
 
-    print(f"\nfloor (torchrun --standalone --nproc_per_node=2 -m distributed.train --help): {floor_s:.1f}s")
+    print(f"\nfloor (torchrun --standalone --nproc_per_node={args.nproc} -m distributed.train --help): {floor_s:.1f}s")
     print("\n| recipe | world | epochs | train s | img/s | test acc | whole command s | over floor s | time vs seed |")
     print("|---|---|---|---|---|---|---|---|---|")
     seed_final = rows[args.seed_epochs - 1] if not (args.skip_seed or args.only_seeds) else None
@@ -143,8 +144,8 @@ def main() -> None:
             print(f"{fast['name']}: {fast['acc']:.2%} in {fast['train_s']:.1f}s = "
                   f"{seed_final['train_s'] / fast['train_s']:.1f}x less training time "
                   f"({'reaches' if fast['acc'] >= seed_final['acc'] else 'does NOT reach'} the seed's accuracy)")
-    print("\ntime to a 99% model, 2 ranks (target: whole command <= floor + 7 s, >= 99.0% each seed):")
-    for r in (r for r in rows if "torchrun x2, seed" in r["name"]):
+    print(f"\ntime to a 99% model, {args.nproc} rank(s) (target: whole command <= floor + 7 s, >= 99.0% each seed):")
+    for r in (r for r in rows if f"torchrun x{args.nproc}, seed" in r["name"]):
         ok = r["acc"] >= 0.99 and r["wall_s"] <= floor_s + 7
         print(f"  {r['name']}: {r['acc']:.2%}, whole command {r['wall_s']:.1f}s = floor {r['wall_s'] - floor_s:+.1f}s"
               f" [{'met' if ok else 'NOT met'}]; {r['phases']}")

@@ -55,7 +55,7 @@ def test_normalization_is_computed_from_the_training_images() -> None:
 
 def test_flags() -> None:
     cfg = parse_args(["--dataset", "kmnist"])
-    assert (cfg.task, cfg.run_dir, cfg.model) == ("kmnist", str(Path("runs") / "kmnist"), "fastnet")
+    assert (cfg.task, cfg.run_dir, cfg.model) == ("kmnist", str(Path("runs") / "kmnist"), "slimnet")
     assert parse_args([]).task == "digits" and parse_args([]).dataset == "mnist"
     with pytest.raises(SystemExit) as e:
         parse_args(["--dataset", "kmnist", "--task", "binary"])

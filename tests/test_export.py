@@ -67,7 +67,7 @@ def test_torchrun_checkpoint_exports_end_to_end(exported: Path, ddp_run: Path) -
     assert manifest["source"]["epoch"] == checkpoint.load(best)["run"]["epoch"]
     training = manifest["source"]["training"]  # how the weights were made: 2 ranks x 64 per optimiser step
     assert (training["global_batch_size"], training["batch_size"], training["world_size"]) == (128, 64, 2)
-    assert training["model"] == "fastnet" and "run_dir" not in training and "data_dir" not in training
+    assert training["model"] == "slimnet" and "run_dir" not in training and "data_dir" not in training
     assert manifest["input"]["shape"] == ["N", 1, 28, 28] and manifest["output"]["shape"] == ["N", 10]
     assert manifest["input"]["normalization"]["applied"] == "inside the model"
     assert {"torch", "onnx", "onnxruntime"} <= manifest["versions"].keys()

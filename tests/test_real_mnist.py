@@ -12,10 +12,12 @@ from conftest import ROOT, torchrun
 pytestmark = pytest.mark.slow
 
 
-def test_two_ranks_one_epoch_default_digits_recipe(real_data: Path, tmp_path: Path) -> None:
-    proc = subprocess.run(torchrun(2, "--data-dir", str(real_data), "--run-dir", str(tmp_path), "--epochs", "1"),
+def test_two_ranks_default_digits_recipe_reaches_99(real_data: Path, tmp_path: Path) -> None:
+    """Issue 22's claim for seed 0 (seeds 1 and 2 are in docs/PERFORMANCE.md: 99.22-99.24%)."""
+    proc = subprocess.run(torchrun(2, "--data-dir", str(real_data), "--run-dir", str(tmp_path)),
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["test_count"] == 10000 and metrics["world_size"] == 2
-    assert metrics["test_accuracy"] >= 0.985, metrics["test_accuracy"]
+    assert metrics["test_accuracy"] >= 0.99, metrics["test_accuracy"]
+    assert metrics["epochs"] == 1 and metrics["global_batch_size"] == 128 and metrics["val_accuracy"] is None

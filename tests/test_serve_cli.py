@@ -302,10 +302,10 @@ def test_recursive_and_explicit_files(exported_run: Path, tmp_path: Path, capsys
 def test_info(exported_run: Path, capsys) -> None:
     assert main(["info", str(exported_run)]) == 0
     out = capsys.readouterr().out
-    assert "fastnet (dataset mnist, task digits, 10 classes: 0, 1, 2" in out and "parity     passed" in out and "sha256 ok" in out
-    assert "training   fastnet, 2 epoch(s), 128 images per step, world size 2, seed 0" in out
+    assert "slimnet (dataset mnist, task digits, 10 classes: 0, 1, 2" in out and "parity     passed" in out and "sha256 ok" in out
+    assert "training   slimnet, 2 epoch(s), 128 images per step, world size 2, seed 0" in out
     assert main(["info", str(exported_run), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["model"]["name"] == "fastnet"
+    assert json.loads(capsys.readouterr().out)["model"]["name"] == "slimnet"
 
 
 def test_default_model_is_newest_export_under_runs(exported_run: Path, tmp_path: Path) -> None:

@@ -117,8 +117,8 @@ def test_resume_from_two_ranks_to_one_keeps_the_global_batch_and_refits_more_epo
     assert [h["epoch"] for h in state["run"]["history"]] == [1, 2]
     # the schedule was re-fitted to 2 epochs of 5 steps and fast-forwarded by one epoch: it ends where a fresh
     # 10-step run's does (not fast-forwarded it would be half-way; the old 5-step one could not step 5 more times)
-    opt = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=5e-3)
-    fresh = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=5e-3, total_steps=2 * 5)
+    opt = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=1e-2)
+    fresh = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=2 * 5)
     for _ in range(2 * 5):
         opt.step()
         fresh.step()

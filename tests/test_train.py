@@ -279,4 +279,4 @@ def test_augment_changes_training(synthetic_data, tmp_path: Path) -> None:
 
 
 def test_label_smoothing_changes_training(synthetic_data, tmp_path: Path) -> None:
-    assert differs_from_plain_run(synthetic_data, tmp_path, "--label-smoothing", "0.1")
+    assert differs_from_plain_run(synthetic_data, tmp_path, "--label-smoothing", "0.2")  # the default is 0.1
