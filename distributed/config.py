@@ -83,6 +83,10 @@ class TrainConfig:
     compile: bool = _opt(False, "torch.compile the model for training (compile time is paid at the first steps; "
                                 "see docs/PERFORMANCE.md for when it wins)", action=argparse.BooleanOptionalAction,
                         kind="runtime")
+    test_every_epoch: bool = _opt(False, "score the test split after every epoch (per-epoch test curves); by "
+                                         "default once, after the last epoch, where the final metrics and the "
+                                         "dashboard read it", action=argparse.BooleanOptionalAction,
+                                  kind="logistics")
     eval_batch_size: int = _opt(2000, "batch size for validation and test evaluation", type=POSITIVE_INT,
                                 kind="logistics")
     overfit_batches: int = _opt(0, "debug: train and evaluate on the first N batches only (loss should go to ~0)",

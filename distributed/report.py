@@ -80,15 +80,25 @@ class Reporter:
         if self.progress:
             print(f"\repoch {epoch + 1} [{batch}/{batches}] loss {value:.4f}", end="", file=sys.stderr, flush=True)
 
-    def epoch(self, record: dict[str, float], test: EvalResult, split: Split) -> None:
+    def epoch(self, record: dict[str, float], test: EvalResult | None, split: Split) -> None:
+        """An epoch's console line and TensorBoard scalars; the test split's views when it was scored."""
         if not self.active:
             return
-        step, logger, classes = int(record["step"]), self.logger, self.task.classes
+        step, logger = int(record["step"]), self.logger
         for key in ("test_loss", "test_accuracy", "val_loss", "val_accuracy"):
             if key in record:
                 logger.scalar(key.replace("_", "/", 1), record[key], step)
         for key in ("images_per_second", "epoch_seconds", "train_seconds"):
             logger.scalar(f"perf/{key}", record[key], step)
+        if test is not None:
+            self.test_views(test, split, step)
+        if self.progress:
+            print("\r\033[K", end="", file=sys.stderr)
+        print(epoch_line(record, self.cfg.epochs), flush=True)
+
+    def test_views(self, test: EvalResult, split: Split, step: int) -> None:
+        """Per-class curves, the confusion matrix, the predictions grid and the mistakes of a scored test split."""
+        logger, classes = self.logger, self.task.classes
         recall, precision = per_class(test.confusion)
         for c, name in enumerate(classes[:CURVE_CLASSES]):
             logger.scalar(f"test_per_class/recall/{tag_name(name)}", recall[c], step)
@@ -106,9 +116,6 @@ class Reporter:
                     for t, p, w in zip(labels[first].tolist(), predicted[first].tolist(), wrong)]
         logger.image("test/predictions", tile_grid(split.images[first], captions, wrong), step)
         self.mistakes(test.probabilities, labels, split, step)
-        if self.progress:
-            print("\r\033[K", end="", file=sys.stderr)
-        print(epoch_line(record, self.cfg.epochs), flush=True)
 
     def mistakes(self, probabilities: torch.Tensor, labels: torch.Tensor, split: Split, step: int) -> None:
         """The gallery of the most confident mistakes, and the same list as a table (test index included)."""
@@ -205,8 +212,8 @@ def penultimate_features(model: nn.Module, split: Split, index: torch.Tensor, ba
 
 def epoch_line(record: dict[str, float], epochs: int) -> str:
     val = f"  val {record['val_accuracy']:.2%}" if "val_accuracy" in record else ""
-    return (f"epoch {record['epoch']}/{epochs}  train loss {record['train_loss']:.4f}{val}"
-            f"  test {record['test_accuracy']:.2%} (loss {record['test_loss']:.4f})"
+    test = f"  test {record['test_accuracy']:.2%} (loss {record['test_loss']:.4f})" if "test_accuracy" in record else ""
+    return (f"epoch {record['epoch']}/{epochs}  train loss {record['train_loss']:.4f}{val}{test}"
             f"  {record['images_per_second']:,.0f} img/s  {record['epoch_seconds']:.1f}s")
 
 

@@ -107,7 +107,9 @@ class Trainer:
         while self.run.epoch < self.cfg.epochs:
             with self.phases("training"):
                 stopping = self.train_epoch()
-            test, val = self.score_all()
+            # the test split is read by the final metrics and the dashboard: scored after the last epoch (after
+            # every epoch with --test-every-epoch, for the per-epoch curves)
+            test, val = self.score_all(test=self.cfg.test_every_epoch or self.run.epoch + 1 == self.cfg.epochs)
             self.end_epoch(test, val)
             # a signal during the evaluation: the epoch's checkpoint is saved, stop there
             if stopping or dist.any_rank([self.stop.signal is not None], self.env)[0]:
@@ -187,24 +189,27 @@ class Trainer:
         return evaluate(self.model, split, shard, self.cfg.eval_batch_size, self.task.num_classes,
                         self.dtype, self.env, keep_probabilities)
 
-    def score_all(self) -> tuple[EvalResult, EvalResult | None]:
-        """(test, val); val is None when --val-size is 0. Every rank scores rank 0's BatchNorm statistics."""
+    def score_all(self, test: bool = True) -> tuple[EvalResult | None, EvalResult | None]:
+        """(test, val); each None when not scored (val: --val-size 0). Every rank scores rank 0's BatchNorm
+        statistics; all ranks pass the same `test`."""
         with self.phases("evaluation"):
             dist.sync_buffers(self.model, self.env)
             val = self.score(self.val, self.val_shard) if len(self.val) else None
-            return self.score(self.test, self.test_shard, keep_probabilities=True), val
+            return (self.score(self.test, self.test_shard, keep_probabilities=True) if test else None), val
 
-    def end_epoch(self, test: EvalResult, val: EvalResult | None) -> None:
+    def end_epoch(self, test: EvalResult | None, val: EvalResult | None) -> None:
         run = self.run
         run.epoch += 1
         is_best = val is None or val.accuracy > run.best_val_accuracy
         if is_best:
-            run.best_val_accuracy, run.best_epoch = (val or test).accuracy, run.epoch
+            run.best_epoch = run.epoch
+            run.best_val_accuracy = val.accuracy if val is not None else run.best_val_accuracy
         self.record = {"epoch": run.epoch, "step": run.step,
                        "train_loss": run.epoch_loss_sum / max(run.batch_in_epoch, 1),
-                       "test_loss": test.loss, "test_accuracy": test.accuracy,
                        "images_per_second": self.plan.images_done(run.batch_in_epoch) / max(run.epoch_seconds, 1e-9),
                        "epoch_seconds": run.epoch_seconds, "train_seconds": run.train_seconds}
+        if test is not None:
+            self.record.update(test_loss=test.loss, test_accuracy=test.accuracy)
         if val is not None:
             self.record.update(val_loss=val.loss, val_accuracy=val.accuracy)
         run.history.append(self.record)

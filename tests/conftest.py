@@ -117,7 +117,8 @@ def ddp_run(synthetic_data, tmp_path_factory) -> Path:
     """A real 2-rank torchrun training run on synthetic data (2 epochs), shared by trainer and export tests."""
     run_dir = tmp_path_factory.mktemp("ddp")
     proc = subprocess.run(torchrun(2, "--data-dir", str(synthetic_data), "--run-dir", str(run_dir),
-                                   "--val-size", "64", "--epochs", "2", "--eval-batch-size", "48"),
+                                   "--val-size", "64", "--epochs", "2", "--eval-batch-size", "48",
+                                   "--test-every-epoch"),
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return run_dir

@@ -50,7 +50,8 @@ def ddp_run(synthetic_data, tmp_path_factory) -> Path:
     """2 ranks, a weak model (mlp, low lr): about half the test images wrong, more than the gallery holds."""
     run_dir = tmp_path_factory.mktemp("weak")
     proc = subprocess.run(torchrun(2, "--data-dir", str(synthetic_data), "--run-dir", str(run_dir), "--model", "mlp",
-                                   "--lr", "1e-3", "--val-size", "64", "--epochs", "2", "--eval-batch-size", "48"),
+                                   "--lr", "1e-3", "--val-size", "64", "--epochs", "2", "--eval-batch-size", "48",
+                                   "--test-every-epoch"),
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return run_dir
@@ -90,6 +91,28 @@ def test_world_size_2_writes_each_tag_once(ddp_run, ddp_events) -> None:
     for tag in ("test/accuracy", "test_per_class/recall/3", "perf/train_seconds"):
         assert [e.step for e in ddp_events.Scalars(tag)] == steps  # one event per epoch
     assert len(ddp_events.Images("test/mistakes")) == 2
+
+
+def test_the_test_split_is_scored_once_where_it_is_read(synthetic_data, tmp_path: Path, monkeypatch) -> None:
+    """By default the test split is scored after the last epoch only (the final metrics and the dashboard read
+    it there); validation every epoch; --test-every-epoch scores it after each."""
+    from distributed import dist
+    from distributed.config import parse_args
+    from distributed.train import Trainer, run
+    scored = []
+    score = Trainer.score
+    monkeypatch.setattr(Trainer, "score", lambda self, split, *a, **k: scored.append(split is self.test)
+                        or score(self, split, *a, **k))
+    flags = ["--data-dir", str(synthetic_data), "--val-size", "64", "--epochs", "3", "--model", "mlp", "--device", "cpu"]
+    metrics = run(parse_args([*flags, "--run-dir", str(tmp_path / "once")]), dist.setup("cpu"))
+    assert scored == [False, False, False, True]  # val, val, val and test
+    assert [("test_accuracy" in h, "val_accuracy" in h) for h in metrics["history"]] == [(False, True)] * 2 + [(True, True)]
+    acc = events(tmp_path / "once")
+    assert [e.step for e in acc.Scalars("test/accuracy")] == [metrics["steps"]] and len(acc.Scalars("val/accuracy")) == 3
+    assert len(acc.Images("test/mistakes")) == 1 and metrics["test_count"] == 200
+    scored.clear()
+    metrics = run(parse_args([*flags, "--run-dir", str(tmp_path / "every"), "--test-every-epoch"]), dist.setup("cpu"))
+    assert scored == [False, True] * 3 and all("test_accuracy" in h for h in metrics["history"])
 
 
 def test_per_class_recall_and_precision(ddp_run, ddp_events, synthetic_data) -> None:
@@ -156,7 +179,7 @@ def test_phase_breakdown(ddp_run, ddp_events) -> None:
 def test_zero_mistakes_and_no_validation(synthetic_data, tmp_path: Path) -> None:
     # a few batches learned by heart: the evaluation (on those same batches) has nothing to show
     assert main(["--data-dir", str(synthetic_data), "--run-dir", str(tmp_path / "overfit"), "--overfit-batches", "1",
-                 "--val-size", "0", "--epochs", "15", "--device", "cpu"]) == 0
+                 "--val-size", "0", "--epochs", "15", "--device", "cpu", "--test-every-epoch"]) == 0
     acc = events(tmp_path / "overfit")
     assert json.loads((tmp_path / "overfit" / "metrics.json").read_text())["test_accuracy"] == 1.0
     last = acc.Images("test/mistakes")[-1]  # a note, not the previous epoch's gallery
