@@ -72,7 +72,7 @@ def test_run_exports_and_serves_the_datasets_class_names(name: str, tmp_path: Pa
     classes = list(DATASETS[name].classes)
     run_dir = tmp_path / "run"
     proc = subprocess.run(torchrun(2, "--dataset", name, "--data-dir", str(data), "--run-dir",
-                                   str(run_dir), "--val-size", "64", "--epochs", "2"),
+                                   str(run_dir), "--val-size", "64", "--epochs", "2", "--test-every-epoch"),
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())

@@ -357,9 +357,9 @@ def test_a_signal_during_the_last_evaluation_stops_with_the_epochs_checkpoint(sy
     stop = StopRequest()
     score_all = Trainer.score_all
 
-    def signalled(self):  # SIGTERM arrives while the test set is scored
+    def signalled(self, **kwargs):  # SIGTERM arrives while the test set is scored
         stop(signal.SIGTERM, None)
-        return score_all(self)
+        return score_all(self, **kwargs)
     monkeypatch.setattr(Trainer, "score_all", signalled)
     cfg = parse_args(["--data-dir", str(synthetic_data), "--run-dir", str(tmp_path), "--val-size", "64",
                       "--epochs", "1", "--model", "mlp", "--device", "cpu"])
