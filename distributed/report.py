@@ -71,10 +71,12 @@ class Reporter:
                   + ("the interrupted epoch restarts, " if epoch_restarted else "")
                   + "schedule re-fitted to the new length", flush=True)
 
-    def step(self, step: int, loss: torch.Tensor, lr: float, epoch: int, batch: int, batches: int) -> None:
+    def step(self, step: int, loss: torch.Tensor, per_image: float, lr: float, epoch: int, batch: int,
+             batches: int) -> None:
+        """Every --log-every steps: rank 0's mean loss (its weighted loss times `per_image`) and the rate."""
         if not self.active or step % self.cfg.log_every:
             return
-        value = loss.item()
+        value = loss.item() * per_image
         self.logger.scalar("train/loss", value, step)
         self.logger.scalar("train/lr", lr, step)
         if self.progress:

@@ -130,7 +130,7 @@ class Trainer:
             segment.add(loss)
             run.step += 1
             run.batch_in_epoch += 1
-            self.report.step(run.step, loss * per_image, self.optimizer.param_groups[0]["lr"], run.epoch,
+            self.report.step(run.step, loss, per_image, self.optimizer.param_groups[0]["lr"], run.epoch,
                              run.batch_in_epoch, plan.steps)
             if run.batch_in_epoch == plan.steps:
                 break
