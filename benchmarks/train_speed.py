@@ -113,9 +113,11 @@ def main() -> None:
     print(f"  floor: torchrun x{args.nproc} ... --help took {floor_s:.1f}s", flush=True)
     rows = [] if args.skip_seed or args.only_seeds else seed_recipe(args.data_dir, args.seed_epochs)
     if not args.only_seeds:
-        binary_fast = ["--task", "binary", "--model", "samnet", "--batch-size", "256", "--lr", "1e-2", "--epochs", "1"]
+        binary_fast = ["--task", "binary", "--model", "samnet", "--batch-size", "256", "--lr", "1e-2", "--epochs", "1",
+                       "--label-smoothing", "0", "--val-size", "5000"]
         rows.append(ours("binary samnet, fast recipe", args.data_dir, binary_fast))
-        binary_mlp = ["--task", "binary", "--model", "mlp4", "--batch-size", "256", "--lr", "1e-2", "--epochs", "1"]
+        binary_mlp = ["--task", "binary", "--model", "mlp4", "--batch-size", "256", "--lr", "1e-2", "--epochs", "1",
+                       "--label-smoothing", "0", "--val-size", "5000"]
         rows.append(ours("binary mlp4, fast recipe", args.data_dir, binary_mlp))
         rows.append(ours("digits default, 1 process", args.data_dir, ["--task", "digits"]))
         rows.append(ours("digits default, torchrun x1", args.data_dir, ["--task", "digits"], nproc=1))
