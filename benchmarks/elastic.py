@@ -77,9 +77,10 @@ def two_nodes(flags: list[str], run_dir: Path, kill_at: int | None) -> tuple[flo
             time.sleep(0.5 if i == 0 else 0)  # node 0 hosts the rendezvous store, and survives
     try:
         if kill_at is not None:
+            deadline = time.time() + 600
             while last_step(run_dir) < (2, kill_at):
-                if nodes[0].poll() is not None:
-                    raise SystemExit("the job ended before --kill-at: choose an earlier step")
+                if nodes[0].poll() is not None or time.time() > deadline:
+                    raise SystemExit(f"the job ended or stalled before --kill-at: {log.read_text()[-3000:]}")
                 time.sleep(0.05)
             for pid in (nodes[1].pid, *children(nodes[1].pid)):
                 os.kill(pid, signal.SIGKILL)

@@ -1,6 +1,7 @@
 """Issue 21: --global-batch-size makes a run's steps independent of its world size (real torchrun ranks, gloo)."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -9,7 +10,6 @@ import signal
 import subprocess
 import sys
 import time
-from contextlib import suppress
 from pathlib import Path
 from typing import Callable
 
@@ -17,7 +17,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import ROOT, free_port, torchrun, write_synthetic_mnist
+from conftest import ROOT, torchrun, write_synthetic_mnist
 from distributed import checkpoint
 
 pytestmark = pytest.mark.slow
@@ -171,55 +171,26 @@ def test_sigterm_mid_epoch_resumes_at_one_and_at_three_ranks(tmp_path: Path) -> 
         assert metrics["test_accuracy"] >= expected["test_accuracy"] - 0.05
 
 
-def children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        with suppress(OSError, IndexError, ValueError):
-            if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(entry.name))
-    return found
-
-
-def node_command(data: Path, run_dir: Path, endpoint: str) -> tuple[list[str], dict[str, str]]:
-    env = {**os.environ, "SKIP_SETUP": "1", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "NNODES": "1:2", "NPROC_PER_NODE": "1", "RDZV_ENDPOINT": endpoint, "RDZV_ID": "elastic-test",
-           "MAX_RESTARTS": "3", "RDZV_CONF": "last_call_timeout=3"}
-    return ["bash", "launch/multinode.sh", "--data-dir", str(data), "--run-dir", str(run_dir), "--device", "cpu",
-            *LONG], env
+def benchmark(name: str):
+    """A script of benchmarks/ as a module (they are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_elastic_job_that_loses_a_node_continues_from_its_last_step(tmp_path: Path) -> None:
-    """launch/multinode.sh with NNODES=1:2 on loopback: kill one node (its agent and worker) mid-epoch; the
-    survivor's agent restarts its worker at world size 1, which continues from the last checkpoint's step (not
-    from the epoch's start) and finishes with every step and image of the run."""
+    """launch/multinode.sh with NNODES=1:2 on loopback, as benchmarks/elastic.py runs it: kill one node (its
+    agent and worker) mid-epoch; the survivor's agent restarts its worker at world size 1, which continues from
+    the last checkpoint's step (not from the epoch's start) and finishes with every step and image of the run."""
     data = write_synthetic_mnist(tmp_path / "data", n_train=12064, n_test=100)  # 375 steps an epoch: seconds
-    run_dir = tmp_path / "run"
-    cmd, env = node_command(data, run_dir, f"127.0.0.1:{free_port()}")
-    logs = [(tmp_path / f"node{i}.log").open("w") for i in range(2)]
-    nodes = []
-    try:
-        for i in range(2):  # node 0 first: it hosts the rendezvous store and survives
-            nodes.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=logs[i], stderr=subprocess.STDOUT))
-            time.sleep(0.5 if i == 0 else 0)  # both join the first round: it waits 3 s for a second node
-        last = run_dir / "checkpoints" / "last.pt"
-        saved = wait_for(last, lambda s: s["world_size"] == 2 and s["run"]["step"] >= 60, nodes[0], timeout=180)
-        workers = children(nodes[1].pid)  # torchrun starts its workers in sessions of their own
-        assert workers
-        for pid in (nodes[1].pid, *workers):  # the node is gone: agent and worker
-            os.kill(pid, signal.SIGKILL)
-        assert nodes[0].wait(timeout=300) == 0, (tmp_path / "node0.log").read_text()[-3000:]
-    finally:
-        for node in nodes:
-            for pid in (*children(node.pid), node.pid):
-                with suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-        for log in logs:
-            log.close()
-    output = (tmp_path / "node0.log").read_text()
+    flags = ["--data-dir", str(data), "--device", "cpu", *LONG]
+    _, resumed_from = benchmark("elastic").two_nodes(flags, tmp_path / "run", kill_at=60)
+    output = (tmp_path / "run.log").read_text()  # the surviving node's
     assert "resuming at world size 1 (checkpoint: 2)" in output, output[-3000:]
     resumed = re.findall(r"at epoch (\d+) \+ (\d+) steps, step (\d+)", output)
     assert resumed, output[-3000:]  # mid-epoch: "+ N steps"
     epoch, in_epoch, step = map(int, resumed[-1])
-    assert step >= saved["run"]["step"] and in_epoch > 0 and step == epoch * 375 + in_epoch
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert step == resumed_from >= 60 and in_epoch > 0 and step == epoch * 375 + in_epoch
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["world_size"] == 1 and metrics["steps"] == 2 * 375 and metrics["train_images"] == 2 * 12000
