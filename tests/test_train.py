@@ -170,6 +170,26 @@ def test_stop_mid_epoch_then_resume_matches_uninterrupted(synthetic_data, tmp_pa
     stop_mid_epoch_then_resume(synthetic_data, tmp_path, "cpu")
 
 
+def test_a_checkpoint_from_before_the_global_batch_resumes_mid_epoch_exactly(synthetic_data, tmp_path: Path) -> None:
+    """A mid-epoch last.pt without config.global_batch_size (nor run.steps_per_epoch), as the previous release
+    wrote it: migrated to --batch-size x its world size, it continues to an uninterrupted run's weights."""
+    from conftest import resave
+    from distributed.train import StopRequest
+    extra = ("--batch-size", "16", "--epochs", "1", "--model", "samnet", "--run-dir")
+    assert main(args(synthetic_data, tmp_path / "a", *extra, str(tmp_path / "a"))) == 0
+    cfg = parse_args(args(synthetic_data, tmp_path / "b", *extra, str(tmp_path / "b")))
+    with pytest.raises(Preempted):
+        run(cfg, dist.setup("cpu"), stop=StopRequest(signal=15))
+    last = tmp_path / "b" / "checkpoints" / "last.pt"
+    state = checkpoint.load(last)
+    del state["config"]["global_batch_size"], state["run"]["steps_per_epoch"]
+    resave(last, state)
+    assert main(args(synthetic_data, tmp_path / "b", *extra, str(tmp_path / "b"))) == 0
+    a, b = final_weights(tmp_path / "a"), final_weights(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert checkpoint.load(last)["config"]["global_batch_size"] == 16
+
+
 def stop_mid_epoch_then_resume(data: Path, tmp_path: Path, device: str) -> None:
     """SIGTERM's path in-process: stop at step 10 of 36, checkpoint mid-epoch, resume, same final weights.
     Dropout and augmentation draw random numbers, so each rank's RNG state must come back too."""
