@@ -10,6 +10,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from serve_cli.cli import first_line
+
 from .digest import digest
 
 
@@ -21,6 +23,18 @@ COLLECTIVE_TIMEOUT = timedelta(minutes=10)
 
 class LaunchError(RuntimeError):
     """The processes cannot be placed on the requested devices."""
+
+
+# What gloo raises (a plain RuntimeError) when the rank at the other end of a collective has gone away.
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer")
+
+
+def peer_gone(error: BaseException) -> str | None:
+    """Why a collective failed, when it failed because another rank stopped (a node lost, a worker killed):
+    the environment, not a bug of ours; None for anything else. NCCL and the store raise torch.distributed's
+    own error types."""
+    reason = next((text for text in PEER_GONE if text in str(error)), None)
+    return reason or (first_line(error, 100) if isinstance(error, dist.DistError) else None)
 
 
 @dataclass(frozen=True)

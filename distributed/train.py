@@ -262,6 +262,12 @@ def main(argv: list[str] | None = None) -> int:
         where = f"{e.filename}: " if e.filename else ""
         return fail(f"error: {where}{e.strerror or e}; earlier checkpoints are kept", 1, env)
     except Exception as e:
+        reason = dist.peer_gone(e) if env is not None and env.is_distributed else None
+        if reason:  # every surviving rank says so
+            print(f"error: another rank stopped during a collective ({reason}); the checkpoints in "
+                  f"{Path(cfg.run_dir) / 'checkpoints'} are intact: torchrun --max-restarts restarts the workers "
+                  f"from the last one, or run the same command again", file=sys.stderr, flush=True)
+            return 1
         if not (cfg.compile and type(e).__module__.startswith(("torch._dynamo", "torch._inductor"))):
             raise
         # The environment, not the run: inductor needs a C++ compiler on the CPU and Triton on CUDA.
