@@ -39,7 +39,7 @@ from torch import nn
 from serve_cli.cli import first_line
 from serve_cli.files import atomic_write
 
-from .config import TrainConfig, flags_of
+from .config import TrainConfig, flags_of, hparams_of
 from .data import MEAN, STD
 from .digest import digest
 
@@ -110,7 +110,10 @@ def restore(state: dict[str, Any], path: Path, *, model: nn.Module, optimizer: O
         saved = state["config"]
         changed = [f"--{name.replace('_', '-')} {saved.get(name)} -> {getattr(cfg, name)}"
                    for name in flags_of("length") if saved.get(name) != getattr(cfg, name)]
-        if not changed and run.steps_per_epoch not in (0, steps_each_epoch):  # 0: before it was recorded
+        # other steps in an epoch: another global batch, or a plan that counts them otherwise (0: not recorded)
+        other_steps = (saved.get("global_batch_size") != cfg.global_batch_size
+                       or run.steps_per_epoch not in (0, steps_each_epoch))
+        if other_steps and not changed:
             changed = [f"steps per epoch {run.steps_per_epoch} -> {steps_each_epoch}"]
         if not changed and scheduler is not None and state["scheduler"]:
             scheduler.load_state_dict(state["scheduler"])
@@ -120,7 +123,7 @@ def restore(state: dict[str, Any], path: Path, *, model: nn.Module, optimizer: O
         raise CheckpointError(f"{path} does not fit this run ({first_line(e, 160)}): use another --run-dir "
                               f"or --no-resume") from None
     metrics = dict(state["metrics"] or {})
-    restarted = run.batch_in_epoch > 0 and any(not c.startswith("--epochs") for c in changed)
+    restarted = run.batch_in_epoch > 0 and other_steps
     if restarted:
         run.batch_in_epoch, run.epoch_loss_sum, run.epoch_seconds = 0, 0.0, 0.0
     run.steps_per_epoch = steps_each_epoch
@@ -217,8 +220,7 @@ def summary(state: dict[str, Any]) -> dict[str, Any]:
             "scored": not state["run"].get("batch_in_epoch"),
             "test_digest": (state["data"] or {}).get("test_digest"),
             # how the weights were made: every flag but paths and logging, and the world size that wrote them
-            "training": {**{name: config.get(name) for name in flags_of("recipe", "length", "runtime")},
-                         "world_size": state.get("world_size")}}
+            "training": {**hparams_of(config), "world_size": state.get("world_size")}}
 
 
 def rng_state(device: torch.device) -> dict[str, torch.Tensor]:

@@ -127,6 +127,12 @@ def flags_of(*kinds: str) -> tuple[str, ...]:
     return tuple(f.name for f in dataclasses.fields(TrainConfig) if f.metadata["kind"] in kinds)
 
 
+def hparams_of(config: dict[str, Any]) -> dict[str, Any]:
+    """Every flag of a run's config but the logistics: what makes the run what it is (TensorBoard's hparams,
+    the manifest's record of how the weights were made)."""
+    return {name: config.get(name) for name in flags_of("recipe", "length", "runtime")}
+
+
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str:
         # A None default is described in the flag's own text; argparse would add "(default: None)".

@@ -14,7 +14,7 @@ from torch import nn
 from serve_cli.files import write_json
 
 from .checkpoint import RunState
-from .config import TrainConfig, flags_of
+from .config import TrainConfig, hparams_of
 from .data import Split, Task
 from .dist import DistEnv
 from .engine import EvalResult
@@ -158,7 +158,7 @@ class Reporter:
                          metadata, ("label", "predicted", "correct"), split.images[subset.to(split.images.device)])
         logger.text("run/phases", "| phase | seconds |\n|---|---|\n" + "\n".join(
             f"| {name} | {seconds:.2f} |" for name, seconds in metrics["phase_seconds"].items()), step)
-        hparams = {k: v for k, v in self.cfg.to_dict().items() if v is not None and k not in flags_of("logistics")}
+        hparams = {k: v for k, v in hparams_of(self.cfg.to_dict()).items() if v is not None}
         metric_tags = ["test/accuracy", "test/loss", "perf/train_seconds"]
         if metrics["val_accuracy"] is not None:
             metric_tags.insert(1, "val/accuracy")
