@@ -24,7 +24,7 @@ from .config import TrainConfig
 from .data import Split, Task, data_changes, fingerprint, load_data, task_of
 from .datasets import DataError
 from .engine import amp_dtype, make_scaler
-from .files import lock_run_dir
+from .files import CHECKPOINT_DIR, lock_run_dir
 from .models import build_model, has_batchnorm, to_device
 from .optim import build_optimizer, build_scheduler
 from .report import Reporter
@@ -68,7 +68,7 @@ def build_parts(cfg: TrainConfig, env: dist.DistEnv, phases: Phases) -> Parts:
 
 def _build(cfg: TrainConfig, env: dist.DistEnv, phases: Phases, closing: ExitStack) -> Parts:
     run_dir = Path(cfg.run_dir)
-    last = run_dir / "checkpoints" / "last.pt"
+    last = run_dir / CHECKPOINT_DIR / "last.pt"
     task = task_of(cfg.dataset, cfg.task)  # a folder's classes are its sub-folders: may raise DataError
     lock = lock_run_dir(run_dir, env)
     if lock is not None:

@@ -28,6 +28,7 @@ Versions 1 and 2 (no digest, amp or data; version 1 has `epoch`/`step` twice) lo
 """
 from __future__ import annotations
 
+import errno
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -158,8 +159,11 @@ def save(path: Path, state: dict[str, Any]) -> None:
     try:
         atomic_write(path, lambda p: torch.save(state, p))
     except (OSError, RuntimeError) as e:
-        raise CheckpointError(f"cannot write {path} ({first_line(e, 120)}; is the disk full?): the previous checkpoint "
-                              f"is kept") from None
+        # torch's writer says only "file write failed", which is how a full disk shows
+        full = getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or not isinstance(e, OSError)
+        kept = f"the previous {path.name} is kept" if path.is_file() else f"no {path.name} was written"
+        raise CheckpointError(f"cannot write {path} ({first_line(e, 120)}{'; is the disk full?' if full else ''}): "
+                              f"{kept}") from None
 
 
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

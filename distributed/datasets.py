@@ -4,6 +4,7 @@ extracted; downloaded through torchvision when absent) and a user's image folder
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,6 +97,7 @@ def read_mnist(root: str | Path, train: bool, dataset: str = "mnist") -> tuple[t
     if images_file.is_file() and labels_file.is_file():
         images, digits = read_idx(images_file, 3), read_idx(labels_file, 1).long()
     else:
+        check_folders(Path(root), raw)
         images, digits = download_mnist(root, train, ds)
     if ds.split:  # EMNIST's images are stored transposed: make them upright, as users' images are
         images, digits = images.transpose(1, 2).contiguous(), digits - ds.first_label
@@ -107,6 +109,20 @@ def read_mnist(root: str | Path, train: bool, dataset: str = "mnist") -> tuple[t
         raise DataError(f"{labels_file} has labels outside {ds.first_label}-{last + ds.first_label}: "
                         f"replace it with a good copy")
     return images, digits
+
+
+def check_folders(root: Path, raw: Path) -> None:
+    """Each step from --data-dir down to the raw folder is a folder, or absent (to be made): else say which is
+    not, before the download is blamed."""
+    below = raw.relative_to(root).parts
+    for folder in [root] + [root.joinpath(*below[:i]) for i in range(1, len(below) + 1)]:
+        name = f"--data-dir {root}" if folder == root else str(folder)
+        if folder.is_symlink() and not folder.exists():
+            raise DataError(f"{name} is a link to {os.readlink(folder)}, which does not exist: create that folder, "
+                            f"or remove the link")
+        if folder.exists() and not folder.is_dir():
+            fix = "give --data-dir a folder" if folder == root else "move it away"
+            raise DataError(f"{name} is a file, not a folder: {fix} (the dataset goes in {raw}/)")
 
 
 def download_mnist(root: str | Path, train: bool, dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,6 +11,7 @@ from typing import TextIO
 from .dist import DistEnv, all_ok
 
 LOCK_NAME = ".lock"
+CHECKPOINT_DIR = "checkpoints"  # RUN_DIR/checkpoints/{last,best}.pt
 
 
 class RunDirError(RuntimeError):
@@ -18,15 +19,21 @@ class RunDirError(RuntimeError):
 
 
 def prepare_run_dir(run_dir: Path) -> None:
-    """Create the run dir, or say in one line why it cannot be one."""
-    if run_dir.exists() and not run_dir.is_dir():
-        raise RunDirError(f"--run-dir {run_dir} is a file, not a folder: choose another --run-dir")
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise RunDirError(f"cannot create --run-dir {run_dir} ({e.strerror}): choose a writable place") from None
-    if not os.access(run_dir, os.W_OK | os.X_OK):
-        raise RunDirError(f"--run-dir {run_dir} is not writable: choose a writable place")
+    """Create the run dir and its checkpoint folder, or say in one line why they cannot be made: before any
+    work, not at the first save. A link (to a bigger disk, say) is fine where it leads to a folder."""
+    checkpoints = run_dir / CHECKPOINT_DIR
+    for folder, name in ((run_dir, f"--run-dir {run_dir}"), (checkpoints, str(checkpoints))):
+        if folder.is_symlink() and not folder.exists():
+            raise RunDirError(f"{name} is a link to {os.readlink(folder)}, which does not exist: create that folder, "
+                              f"or remove the link")
+        if folder.exists() and not folder.is_dir():
+            raise RunDirError(f"{name} is a file, not a folder: move it away, or choose another --run-dir")
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise RunDirError(f"cannot create {name} ({e.strerror}): choose a writable place") from None
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise RunDirError(f"{name} is not writable: choose a writable place")
 
 
 class RunDirLock:

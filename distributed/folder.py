@@ -241,20 +241,21 @@ def decode_all(paths: list[Path], chunk: int = 500) -> list[np.ndarray | str]:
     """Every file through serve_cli's preprocessing, in a pool of processes (one per core).
 
     "spawn": a fork of a process that holds torch's thread pools can deadlock. A Ctrl-C reaches the whole
-    process group: the workers ignore it (they are started with SIGINT ignored, which survives exec, so not
-    even their start-up prints a KeyboardInterrupt; a signal mask would not: the spawn resets it) and the
-    parent, stopping, terminates them (SIGTERM ends a worker silently)."""
+    process group, and so does a closed terminal's SIGHUP: the workers ignore both (they are started with them
+    ignored, which survives exec, so not even their start-up prints a KeyboardInterrupt; a signal mask would
+    not: the spawn resets it) and the parent, stopping, terminates them (SIGTERM ends a worker silently)."""
     workers = min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1,
                   -(-len(paths) // chunk))
     chunks = [paths[i:i + chunk] for i in range(0, len(paths), chunk)]
     if workers <= 1:
         return [r for c in chunks for r in digits_or_reasons(c)]
     # For the milliseconds the workers take to start, a Ctrl-C is lost to the parent too; it can be pressed again.
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    previous = {signum: signal.signal(signum, signal.SIG_IGN) for signum in (signal.SIGINT, signal.SIGHUP)}
     try:
         pool = multiprocessing.get_context("spawn").Pool(workers, initializer=quiet_worker)
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     try:
         results = pool.map(digits_or_reasons, chunks)
     except BaseException as e:
@@ -272,8 +273,10 @@ def decode_all(paths: list[Path], chunk: int = 500) -> list[np.ndarray | str]:
 
 
 def quiet_worker() -> None:
-    """A decoding worker: Ctrl-C is the parent's to handle; SIGTERM (the parent's terminate) ends it silently."""
+    """A decoding worker: Ctrl-C and SIGHUP are the parent's to handle; SIGTERM (the parent's terminate) ends it
+    silently."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from serve_cli.cli import Stopped, first_line
+from serve_cli.cli import STOP_SIGNALS, Stopped, first_line
 
 from . import checkpoint, dist
 from .build import Parts, build_parts
@@ -27,7 +27,7 @@ from .config import TrainConfig, parse_args
 from .data import Split
 from .datasets import DataError
 from .engine import EvalResult, evaluate, synchronize, train_step
-from .files import RunDirError
+from .files import CHECKPOINT_DIR, RunDirError
 from .report import done_line, final_metrics
 from .stopping import Diverged, Preempted, StopRequest
 from .timing import Phases
@@ -59,7 +59,7 @@ class Trainer:
 
     def __init__(self, env: dist.DistEnv, parts: Parts, stop: StopRequest, phases: Phases) -> None:
         self.cfg, self.env, self.stop, self.phases = parts.cfg, env, stop, phases
-        self.ckpt_dir = Path(self.cfg.run_dir) / "checkpoints"
+        self.ckpt_dir = Path(self.cfg.run_dir) / CHECKPOINT_DIR
         self.task, self.data, self.report, self.closing = parts.task, parts.data, parts.report, parts.closing
         self.train, self.val, self.test = parts.train, parts.val, parts.test
         self.test_shard, self.val_shard = parts.test_shard, parts.val_shard
@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.reconfigure(errors="backslashreplace")
     cfg = parse_args(argv)
     stop = StopRequest()
-    previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGTERM, signal.SIGINT)}
+    previous = {signum: signal.signal(signum, stop) for signum in STOP_SIGNALS}
     env = None
     together = False  # every rank left fit() the same way (finished, or agreed to stop): teardown may wait
     try:
@@ -265,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         reason = dist.peer_gone(e) if env is not None and env.is_distributed else None
         if reason:  # every surviving rank says so
             print(f"error: another rank stopped during a collective ({reason}); the checkpoints in "
-                  f"{Path(cfg.run_dir) / 'checkpoints'} are intact: torchrun --max-restarts restarts the workers "
+                  f"{Path(cfg.run_dir) / CHECKPOINT_DIR} are intact: torchrun --max-restarts restarts the workers "
                   f"from the last one, or run the same command again", file=sys.stderr, flush=True)
             return 1
         if not (cfg.compile and type(e).__module__.startswith(("torch._dynamo", "torch._inductor"))):

@@ -23,7 +23,8 @@ import torch
 
 from distributed.checkpoint import CheckpointError
 from distributed.datasets import folder_path
-from serve_cli.cli import NON_NEGATIVE, Stopped, number_in, path_text, stop_signals_blocked, stop_signals_raise
+from distributed.files import CHECKPOINT_DIR
+from serve_cli.cli import NON_NEGATIVE, Stopped, number_in, path_text, stop_signals_deferred, stop_signals_raise
 from serve_cli.files import write_json
 from serve_cli.manifest import (FORMAT_VERSION, INPUT_NAME, MANIFEST, OUTPUT_NAME, ManifestError, file_entry, is_ours,
                                 is_plain_name, load_json, probe_images, read_manifest, seal, sha256_file, verify_file)
@@ -189,8 +190,11 @@ def install(staging: Path, out_dir: Path, manifest: dict[str, Any], old: dict[st
     new one does not. Nothing else in out_dir is touched. Each rename is atomic; a reader that comes between
     them sees a manifest whose hashes do not match and refuses, never a mix that answers. A stop signal waits
     until the renames are done (they take milliseconds), so a stopped export is all old or all new."""
-    with stop_signals_blocked():
+    with stop_signals_deferred() as received:
         _install(staging, out_dir, manifest, old)
+    if received:
+        raise Stopped(received[0], f"it came as the export was installed, which was finished first: {out_dir} "
+                                   f"holds the new export, complete")
 
 
 def _install(staging: Path, out_dir: Path, manifest: dict[str, Any], old: dict[str, Any] | None) -> None:
@@ -239,8 +243,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with stop_signals_raise():
             return run(args, parser, sizes)
-    except Stopped as e:  # the staging dir is gone (finally); out-dir is as it was
-        print(f"error: stopped by signal {e.signum}; nothing was exported or changed", file=sys.stderr)
+    except Stopped as e:  # the staging dir is gone (finally); out-dir is as it was, or installed in full
+        print(f"error: stopped by signal {e.signum}; {e.outcome or 'nothing was exported or changed'}",
+              file=sys.stderr)
         return 128 + e.signum
 
 
@@ -251,7 +256,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, sizes: list[i
             print(f"verified: {args.verify}")
             return 0
         if args.run_dir:
-            checkpoint = Path(args.run_dir) / "checkpoints" / "best.pt"
+            checkpoint = Path(args.run_dir) / CHECKPOINT_DIR / "best.pt"
             out_dir = Path(args.out_dir or Path(args.run_dir) / "export")
         else:
             if not args.out_dir:

@@ -1,5 +1,5 @@
 """What the three command lines share: argparse value types, one-line error text, and how a stop signal
-(Ctrl-C, SIGTERM) reaches the program. Imports nothing of ours."""
+(Ctrl-C, SIGTERM, a closed terminal's SIGHUP) reaches the program. Imports nothing of ours."""
 from __future__ import annotations
 
 import argparse
@@ -8,7 +8,8 @@ import signal
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
-STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM})
+# Ctrl-C; what SLURM, Kubernetes and `kill` send; and what a closed terminal or ssh session sends.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class UsageError(RuntimeError):
@@ -51,12 +52,14 @@ def first_line(error: BaseException, limit: int = 200) -> str:
 
 
 class Stopped(BaseException):
-    """SIGINT or SIGTERM, raised where the program is. A BaseException, as KeyboardInterrupt is: no
-    `except Exception` on its way (a decoder's, a loader's) swallows it."""
+    """A stop signal, raised where the program is. A BaseException, as KeyboardInterrupt is: no
+    `except Exception` on its way (a decoder's, a loader's) swallows it. `outcome` says what the work had
+    done when the stop was taken (None: nothing was changed)."""
 
-    def __init__(self, signum: int) -> None:
+    def __init__(self, signum: int, outcome: str | None = None) -> None:
         super().__init__(signum)
         self.signum = signum
+        self.outcome = outcome
 
 
 def _raise_stopped(signum: int, frame: object) -> None:
@@ -75,10 +78,16 @@ def stop_signals_raise() -> Iterator[None]:
 
 
 @contextmanager
-def stop_signals_blocked() -> Iterator[None]:
-    """Within: the stop signals wait, and are delivered at the end (a few renames that must not be cut short)."""
-    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+def stop_signals_deferred() -> Iterator[list[int]]:
+    """Within: a stop signal is only recorded (in the list yielded), for steps that must not be cut short (a
+    few renames); the caller raises Stopped after them. The Python handler is swapped, not the signal mask:
+    a mask holds in one thread only, and the kernel hands a process-directed signal to any thread that does
+    not mask it (torch's, ONNX Runtime's); CPython runs the handler in the main thread whichever took it."""
+    received: list[int] = []
+    previous = {signum: signal.signal(signum, lambda signum, frame: received.append(signum))
+                for signum in STOP_SIGNALS}
     try:
-        yield
+        yield received
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

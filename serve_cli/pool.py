@@ -35,8 +35,10 @@ _worker_model: Callable[[np.ndarray], np.ndarray] | None = None  # per pool proc
 
 def start_worker(runtime: Runtime | None) -> None:
     global _worker_model
-    # Ctrl-C reaches the whole process group; the main process decides, and shuts the pool down.
+    # Ctrl-C and a closed terminal's SIGHUP reach the whole process group; the main process decides, and shuts
+    # the pool down.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if runtime is None:
         return

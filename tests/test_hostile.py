@@ -332,7 +332,7 @@ def test_full_disk_during_checkpoint_keeps_the_previous_one(synthetic_data, tmp_
     proc = run("-m", "distributed.train", *train_args(synthetic_data, tmp_path, "--model", "fastnet", "--no-resume"),
                preexec_fn=small_disk)
     assert proc.returncode == 1
-    one_error_line(proc.stderr, "cannot write", "the previous checkpoint is kept")
+    one_error_line(proc.stderr, "cannot write", "the previous last.pt is kept")
     assert snapshot(tmp_path / "checkpoints") == before
 
 

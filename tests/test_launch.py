@@ -1,4 +1,4 @@
-"""launch/: killed workers, SIGTERM, two nodes on one machine, and run.sh end to end (CPU, gloo, loopback)."""
+"""launch/: killed workers, SIGTERM and SIGHUP, two nodes on one machine, and run.sh end to end (CPU, gloo, loopback)."""
 from __future__ import annotations
 
 import json
@@ -115,15 +115,18 @@ def test_checkpoint_survives_kill_during_save(tmp_path: Path) -> None:
     assert path.exists()
 
 
-def test_sigterm_saves_a_checkpoint_and_rerun_resumes(bigger_data, tmp_path: Path) -> None:
+# SIGTERM is what SLURM and Kubernetes send; SIGHUP what a closed terminal or ssh session sends (torchrun's
+# agent passes the signal it got on to the workers).
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_a_stop_signal_saves_a_checkpoint_and_rerun_resumes(bigger_data, tmp_path: Path, signum: int) -> None:
     cmd = torchrun(2, *train_args(bigger_data, tmp_path))
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     first = wait_for_step(tmp_path / "checkpoints" / "last.pt", 1, proc)  # epoch 1 done
     time.sleep(0.3)
-    proc.send_signal(signal.SIGTERM)  # what SLURM and Kubernetes send
+    proc.send_signal(signum)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode != 0  # torchrun's own status; each worker's 143 is checked without torchrun below
-    assert "stopped by signal 15" in err and "run the same command again to resume" in err, err[-3000:]
+    assert proc.returncode != 0  # torchrun's own status; each worker's 128 + signum is checked without torchrun
+    assert f"stopped by signal {signum}" in err and "run the same command again to resume" in err, err[-3000:]
     stopped_at = checkpoint.load(tmp_path / "checkpoints" / "last.pt")
     assert stopped_at["run"]["step"] > first  # saved at the stop, not only the epoch-1 checkpoint
     rerun = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -132,14 +135,15 @@ def test_sigterm_saves_a_checkpoint_and_rerun_resumes(bigger_data, tmp_path: Pat
     assert json.loads((tmp_path / "metrics.json").read_text())["epochs"] == 3
 
 
-def test_sigterm_exit_status_is_143(bigger_data, tmp_path: Path) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_a_stop_signal_exits_128_plus_its_number(bigger_data, tmp_path: Path, signum: int) -> None:
     proc = subprocess.Popen([sys.executable, "-m", "distributed.train", *train_args(bigger_data, tmp_path)],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     first = wait_for_step(tmp_path / "checkpoints" / "last.pt", 1, proc)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 143, err[-3000:]  # 128 + SIGTERM, as documented
-    assert err.strip().splitlines()[-1].startswith("stopped by signal 15")
+    assert proc.returncode == 128 + signum, err[-3000:]  # 143 for SIGTERM, 129 for SIGHUP, as documented
+    assert err.strip().splitlines()[-1].startswith(f"stopped by signal {signum}")
     # at a step of epoch 2, or at the end of epoch 1's evaluation if the signal came during it
     assert checkpoint.load(tmp_path / "checkpoints" / "last.pt")["run"]["step"] >= first
 

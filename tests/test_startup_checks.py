@@ -1,0 +1,80 @@
+"""What the trainer checks before any work: the run dir's parts and the --data-dir path, each named in one line
+that says what is wrong with it (not a full disk, not the network)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from distributed import checkpoint
+from distributed.checkpoint import CheckpointError
+from distributed.train import main as train
+
+
+def train_args(data: Path, run_dir: Path, *extra: str) -> list[str]:
+    return ["--data-dir", str(data), "--run-dir", str(run_dir), "--val-size", "64", "--epochs", "1",
+            "--model", "mlp", "--device", "cpu", *extra]
+
+
+def error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.mark.parametrize("part", ["dangling link", "file"])
+def test_a_checkpoints_folder_that_cannot_be_one_is_named_before_training(synthetic_data: Path, tmp_path: Path,
+                                                                         capsys, part: str) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    checkpoints = run_dir / "checkpoints"
+    if part == "file":
+        checkpoints.write_text("keep")
+    else:
+        checkpoints.symlink_to(tmp_path / "elsewhere")
+    assert train(train_args(synthetic_data, run_dir)) == 1
+    line = error_line(capsys)
+    assert line.startswith(f"error: {checkpoints} is a ")
+    if part == "file":
+        assert "is a file, not a folder" in line and checkpoints.read_text() == "keep"
+    else:
+        assert f"a link to {tmp_path / 'elsewhere'}, which does not exist" in line and checkpoints.is_symlink()
+    assert "disk" not in line and "previous checkpoint" not in line
+    assert not (run_dir / "events.out.tfevents").exists() and not list(run_dir.glob("events*"))  # before any work
+
+
+def test_a_checkpoints_link_to_a_folder_is_used(synthetic_data: Path, tmp_path: Path) -> None:
+    (tmp_path / "big_disk").mkdir()
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "checkpoints").symlink_to(tmp_path / "big_disk")
+    assert train(train_args(synthetic_data, run_dir)) == 0
+    assert (tmp_path / "big_disk" / "last.pt").is_file() and (run_dir / "checkpoints").is_symlink()
+
+
+def test_a_failed_first_save_does_not_claim_a_previous_checkpoint(tmp_path: Path) -> None:
+    (tmp_path / "not_a_folder").write_text("")
+    with pytest.raises(CheckpointError) as e:
+        checkpoint.save(tmp_path / "not_a_folder" / "last.pt", {"model": {"w": torch.zeros(1)}})
+    assert "no last.pt was written" in str(e.value) and "disk" not in str(e.value), e.value
+
+
+@pytest.mark.parametrize("layout", ["file", "inner file", "dangling link"])
+def test_a_data_dir_that_is_not_a_folder_says_so(tmp_path: Path, capsys, layout: str) -> None:
+    data = tmp_path / "data"
+    if layout == "file":
+        data.write_text("keep")
+        named, needle = f"--data-dir {data}", "is a file, not a folder: give --data-dir a folder"
+    elif layout == "inner file":
+        data.mkdir()
+        (data / "MNIST").write_text("keep")
+        named, needle = str(data / "MNIST"), "is a file, not a folder: move it away"
+    else:
+        data.symlink_to(tmp_path / "gone")
+        named, needle = f"--data-dir {data}", "which does not exist"
+    assert train(train_args(data, tmp_path / "run")) == 1
+    line = error_line(capsys)
+    assert line.startswith(f"error: {named} ") and needle in line, line
+    assert "download" not in line and "network" not in line, line
