@@ -19,8 +19,9 @@ class RunDirError(RuntimeError):
 
 
 def prepare_run_dir(run_dir: Path) -> None:
-    """Create the run dir and its checkpoint folder, or say in one line why they cannot be made: before any
-    work, not at the first save. A link (to a bigger disk, say) is fine where it leads to a folder."""
+    """Create the run dir, and check the checkpoint folder in it (made at the first save), or say in one line
+    why they cannot be used: before any work, not at the first save. A link (to a bigger disk, say) is fine
+    where it leads to a folder."""
     checkpoints = run_dir / CHECKPOINT_DIR
     for folder, name in ((run_dir, f"--run-dir {run_dir}"), (checkpoints, str(checkpoints))):
         if folder.is_symlink() and not folder.exists():
@@ -28,11 +29,12 @@ def prepare_run_dir(run_dir: Path) -> None:
                               f"or remove the link")
         if folder.exists() and not folder.is_dir():
             raise RunDirError(f"{name} is a file, not a folder: move it away, or choose another --run-dir")
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise RunDirError(f"cannot create {name} ({e.strerror}): choose a writable place") from None
-        if not os.access(folder, os.W_OK | os.X_OK):
+        if folder == run_dir:
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise RunDirError(f"cannot create {name} ({e.strerror}): choose a writable place") from None
+        if folder.exists() and not os.access(folder, os.W_OK | os.X_OK):
             raise RunDirError(f"{name} is not writable: choose a writable place")
 
 

@@ -36,7 +36,7 @@ from serve_cli.images import IMAGE_SUFFIXES, digits_or_reasons
 from .digest import digest
 
 CACHE_NAME = ".mnist-ddp-cache.pt"
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 3: pixel modes read on a stated scale or refused (float and 32-bit gray, LAB, La)
 CACHE_MAGIC = b"mnist-ddp folder cache\n"  # the first bytes of every cache we write: ours even when damaged
 TEST_EVERY = 6
 

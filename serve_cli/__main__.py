@@ -122,7 +122,7 @@ def run_predictions(stream: TextIO, paths: Iterable[Path], pool: Executor, model
     writer = None  # made at the first rows: a run that fails before any prediction prints nothing
     for batch, chunk in processed_batches(paths, pool, batch_size, in_flight):
         rows = predict_rows(batch, chunk, model, classes, top_k)
-        writer = writer or WRITERS[format](stream)
+        writer = writer or WRITERS[format](stream, min(top_k, len(classes)))
         for row in rows:
             writer.write(row)
             failed += row.error is not None

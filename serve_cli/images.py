@@ -7,6 +7,7 @@ so MNIST test images saved as PNG give exactly the in-memory predictions.
 """
 from __future__ import annotations
 
+import math
 import os
 import stat
 import warnings
@@ -22,6 +23,9 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".we
 EXIF_FORMATS = {"JPEG", "MPO", "TIFF", "WEBP"}  # formats whose orientation tag is read at open
 MIN_CONTRAST = 0.08  # below this the picture holds no ink worth reading
 INK_LEVEL = 0.2  # share of full contrast that counts as ink for the bounding box
+# Pixels one image may have: 4096 x 4096, a fifth of Pillow's own limit. Preprocessing costs up to ~35 bytes a
+# pixel (float copies), so ~0.6 GB at most per image and decoding worker; a 12-megapixel photo fits.
+MAX_PIXELS = 2 ** 24
 
 
 class ImageError(ValueError):
@@ -43,24 +47,42 @@ def find_images(inputs: list[str], recursive: bool) -> Iterator[Path]:
             yield path
 
 
-def _walk(folder: Path, recursive: bool, seen: set[tuple[int, int]]) -> Iterator[Path]:
+def _walk(top: Path, recursive: bool, seen: set[tuple[int, int]]) -> Iterator[Path]:
+    """Depth first, each folder's entries in sorted order, from a stack of listings rather than recursion: a
+    tree as deep as the file system allows is walked (Python's recursion limit is about 1,000 levels)."""
+    listings: list[Iterator[os.DirEntry]] = []
+    folder: Path | None = top
+    while True:
+        if folder is not None:
+            entries = _listing(folder, seen)
+            if entries is None:
+                yield folder  # cannot be listed (too deep to open, permission denied): its error row
+            else:
+                listings.append(iter(entries))
+            folder = None
+        if not listings:
+            return
+        entry = next(listings[-1], None)
+        if entry is None:
+            listings.pop()
+        elif _is_dir(entry):
+            folder = Path(entry.path) if recursive else None
+        elif Path(entry.name).suffix.lower() in IMAGE_SUFFIXES:
+            yield Path(entry.path)
+
+
+def _listing(folder: Path, seen: set[tuple[int, int]]) -> list[os.DirEntry] | None:
+    """The folder's entries, sorted by name; [] for a folder already walked; None when it cannot be listed."""
     try:
         info = folder.stat()
         if (info.st_dev, info.st_ino) in seen:  # a link back up the tree: already walked
-            return
+            return []
         seen.add((info.st_dev, info.st_ino))
-        # One folder's listing at a time: memory stays flat however many files there are.
+        # One folder's listing at a time per level: memory stays flat however many files there are.
         with os.scandir(folder) as it:
-            entries = sorted(it, key=lambda e: e.name)
+            return sorted(it, key=lambda e: e.name)
     except OSError:
-        yield folder
-        return
-    for entry in entries:
-        if _is_dir(entry):
-            if recursive:
-                yield from _walk(Path(entry.path), recursive, seen)
-        elif Path(entry.name).suffix.lower() in IMAGE_SUFFIXES:
-            yield Path(entry.path)
+        return None
 
 
 def _is_dir(entry: os.DirEntry) -> bool:
@@ -100,13 +122,11 @@ def digit_bytes(path: Path) -> np.ndarray:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(path)
         with img:
-            if img.width * img.height > Image.MAX_IMAGE_PIXELS:
-                raise ImageError(f"image too large ({img.width}x{img.height} pixels, limit "
-                                 f"{Image.MAX_IMAGE_PIXELS:,})")
             img.seek(0)  # animated GIF/WebP/TIFF: the first frame
+            within_budget(img)
             if img.format in EXIF_FORMATS or "exif" in img.info:  # asking other files costs a full decode
                 img = ImageOps.exif_transpose(img)
-            gray = to_gray(img)
+            return digit_of(img)
     except ImageError:
         raise
     except Image.DecompressionBombError:
@@ -117,27 +137,73 @@ def digit_bytes(path: Path) -> np.ndarray:
         raise ImageError("permission denied") from None
     except (OSError, ValueError, SyntaxError, EOFError) as e:
         raise ImageError(f"cannot decode ({str(e).splitlines()[0][:120] or type(e).__name__})") from None
+
+
+def within_budget(img: Image.Image) -> None:
+    """Refuse, from the header and before decoding, an image over MAX_PIXELS; a JPEG is decoded reduced
+    instead (1/2 to 1/8 of each side, from its DCT), which costs no more than an image within the budget."""
+    pixels = img.width * img.height
+    if pixels > MAX_PIXELS and img.format == "JPEG":
+        reduce = 2 ** math.ceil(math.log2(math.sqrt(pixels / MAX_PIXELS)))  # per side: 2, 4 or 8 for JPEG
+        img.draft(img.mode, (-(-img.width // reduce), -(-img.height // reduce)))
+    if img.width * img.height > MAX_PIXELS:
+        raise ImageError(f"image too large ({img.width}x{img.height} pixels; the limit is {MAX_PIXELS:,}, which "
+                         f"bounds the memory one image may take): downscale it")
+
+
+def digit_of(img: Image.Image) -> np.ndarray:
+    """A decoded image (any mode) as an MNIST-style uint8 [28, 28] digit."""
+    gray = to_gray(img)
     if not (gray.shape == (SIZE, SIZE) and _border(gray) < 0.5):  # else already an MNIST-style digit
         gray = mnistify(gray)
-    return np.round(gray * np.float32(255.0)).astype(np.uint8)
+    # to_gray keeps [0, 1]; the clip only keeps float rounding (1 + 1 ulp) from wrapping to black
+    return np.round(np.clip(gray, 0.0, 1.0) * np.float32(255.0)).astype(np.uint8)
+
+
+INTEGER_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # 16- and 32-bit integer gray
+ALPHA_MODES = ("RGBA", "LA", "PA", "La", "RGBa")
+LUMINANCE_MODES = ("1", "L", "P", "RGB", "RGBX", "CMYK", "YCbCr", "HSV", "LAB")
 
 
 def to_gray(img: Image.Image) -> np.ndarray:
-    """Any mode (8/16/32-bit gray, palette, RGB, CMYK, with or without alpha) -> float32 [H, W] in [0, 1]."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        a = np.asarray(img).astype(np.float32)
-        return a / (65535.0 if a.max() > 255 else 255.0)
-    if img.mode == "F":
-        a = np.asarray(img, dtype=np.float32)
-        return a / a.max() if a.max() > 1 else a
-    if img.mode == "L":
-        return np.asarray(img, dtype=np.float32) / 255.0
-    if img.mode == "1":
-        return np.asarray(img.convert("L"), dtype=np.float32) / 255.0
-    if img.mode == "P" and "transparency" in img.info or img.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
-        rgba = np.asarray(img.convert("RGBA"), dtype=np.float32) / 255.0
+    """Any mode Pillow hands us -> float32 [H, W] in [0, 1], or ImageError (the README's "Pixel values"):
+
+    - integer gray (I;16*, I): on the 8-bit scale (/255) when no value exceeds 255, else the 16-bit one (/65535);
+      values below 0 or above 65535 fit neither and are refused;
+    - float gray (F): [0, 1] as it is, else [0, 255] on the 8-bit scale; values outside both, NaN or infinity
+      are refused (a normalised tensor saved as an image has no scale we could know);
+    - with alpha (RGBA, LA, PA, La, RGBa, P with transparency): flattened onto a background that contrasts with
+      the visible strokes;
+    - the others (1, L, P, RGB, RGBX, CMYK, YCbCr, HSV, LAB): Pillow's luminance, L = 0.299 R + 0.587 G + 0.114 B
+      (LAB through RGB, which Pillow converts it to).
+    """
+    mode = img.mode
+    if mode in INTEGER_MODES:
+        return _on_a_scale(np.asarray(img).astype(np.float32), ((255.0, "0-255"), (65535.0, "0-65535")),
+                           "integer")
+    if mode == "F":
+        return _on_a_scale(np.asarray(img, dtype=np.float32), ((1.0, "0-1"), (255.0, "0-255")), "float")
+    if mode == "P" and "transparency" in img.info or mode in ALPHA_MODES:
+        if mode != "RGBA":
+            img = (img.convert("LA") if mode == "La" else img).convert("RGBA")  # Pillow has no La -> RGBA
+        rgba = np.asarray(img, dtype=np.float32)
+        rgba /= np.float32(255.0)  # in place: a large image's float copy is the most memory it costs
         return _flatten_alpha(rgba)
-    return np.asarray(img.convert("L"), dtype=np.float32) / 255.0
+    if mode in LUMINANCE_MODES:
+        return np.asarray((img.convert("RGB") if mode == "LAB" else img).convert("L"), dtype=np.float32) / 255.0
+    raise ImageError(f"pixel mode {mode} is not one this tool reads: save the image as 8-bit gray or RGB")
+
+
+def _on_a_scale(a: np.ndarray, scales: tuple[tuple[float, str], ...], kind: str) -> np.ndarray:
+    """Gray values divided by the first scale they all fit in: [0, top]; ImageError when they fit none."""
+    low, high = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+    if math.isfinite(low) and math.isfinite(high) and low >= 0:
+        for top, _ in scales:
+            if high <= top:
+                return a / np.float32(top)
+    names = " nor ".join(name for _, name in scales)
+    raise ImageError(f"{kind} pixels from {low:g} to {high:g} fit neither {names}: save the image with values in "
+                     f"one of those ranges")
 
 
 def _flatten_alpha(rgba: np.ndarray) -> np.ndarray:
@@ -147,7 +213,9 @@ def _flatten_alpha(rgba: np.ndarray) -> np.ndarray:
     visible = alpha > 0.5
     ink = float(gray[visible].mean()) if visible.any() else 0.0
     background = 1.0 if ink < 0.5 else 0.0
-    return gray * alpha + background * (1.0 - alpha)
+    gray *= alpha
+    gray += background * (1.0 - alpha)
+    return gray
 
 
 def _border(gray: np.ndarray) -> float:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import stat
 import sys
 import tempfile
@@ -27,35 +28,67 @@ class Row:
     error: str | None = None
 
 
+def shown(text: str) -> str:
+    """A name for the table, which people read: control characters (a newline in a file name would fake a row)
+    as escapes."""
+    return "".join(f"\\x{ord(c):02x}" if ord(c) < 32 or ord(c) == 127 else c for c in text)
+
+
 class TableWriter:
-    def __init__(self, stream: TextIO) -> None:
+    def __init__(self, stream: TextIO, top_k: int) -> None:
         self.stream = stream
         stream.write(f"{'class':>6} {'index':>5} {'conf':>7}  path\n")
 
     def write(self, row: Row) -> None:
         if row.error is not None:
-            self.stream.write(f"{'-':>6} {'-':>5} {'error':>7}  {row.path}: {row.error}\n")
+            self.stream.write(f"{'-':>6} {'-':>5} {'error':>7}  {shown(row.path)}: {row.error}\n")
             return
-        alternatives = "  (" + ", ".join(f"{c} {p:.1%}" for c, p in row.top_k) + ")" if row.top_k else ""
-        self.stream.write(f"{row.label:>6} {row.index:>5} {row.confidence:>7.2%}  {row.path}{alternatives}\n")
+        alternatives = "  (" + ", ".join(f"{shown(c)} {p:.1%}" for c, p in row.top_k) + ")" if row.top_k else ""
+        self.stream.write(f"{shown(row.label or ''):>6} {row.index:>5} {row.confidence:>7.2%}  {shown(row.path)}"
+                          f"{alternatives}\n")
+
+
+# A spreadsheet runs a cell that starts with one of these as a formula (OWASP's CSV injection list).
+FORMULA_START = re.compile(r"'*[=+\-@\t\r]")
+
+
+def csv_cell(text: str) -> str:
+    """A text cell a spreadsheet shows as text: one ' before a formula's first character (and before the 's
+    already in front of one, so that csv_text always gives the name back)."""
+    return "'" + text if FORMULA_START.match(text) else text
+
+
+def csv_text(cell: str) -> str:
+    """The name a text cell of our CSV stands for: csv_cell undone (for readers that use the csv module)."""
+    return cell[1:] if cell.startswith("'") and FORMULA_START.match(cell[1:]) else cell
 
 
 class CsvWriter:
-    FIELDS = ("path", "class", "index", "confidence", "top_k", "error")
+    """path, class, index, confidence, then top1_class, top1_confidence ... topK_* with --top-k K, then error.
 
-    def __init__(self, stream: TextIO) -> None:
+    Quoted as the csv module does (RFC 4180); a row with a carriage return in a cell is quoted in full, which
+    the csv module's own minimal quoting would leave bare with "\\n" line ends. Text cells go through csv_cell."""
+
+    def __init__(self, stream: TextIO, top_k: int) -> None:
         self.csv = csv.writer(stream, lineterminator="\n")
-        self.csv.writerow(self.FIELDS)
+        self.quoted = csv.writer(stream, lineterminator="\n", quoting=csv.QUOTE_ALL)
+        self.top_k = top_k
+        self.csv.writerow(("path", "class", "index", "confidence",
+                           *(f"top{i}_{field}" for i in range(1, top_k + 1) for field in ("class", "confidence")),
+                           "error"))
 
     def write(self, row: Row) -> None:
-        top = ";".join(f"{c}:{p:.6f}" for c, p in row.top_k)
+        top = [cell for c, p in row.top_k for cell in (csv_cell(c), f"{p:.6f}")]
+        top += [""] * (2 * self.top_k - len(top))
         conf = f"{row.confidence:.6f}" if row.confidence is not None else ""
-        self.csv.writerow((row.path, row.label or "", "" if row.index is None else row.index, conf, top,
-                           row.error or ""))
+        cells = (csv_cell(row.path), csv_cell(row.label or ""), "" if row.index is None else row.index, conf, *top,
+                 csv_cell(row.error or ""))
+        writer = self.quoted if any("\r" in str(cell) for cell in cells) else self.csv
+        writer.writerow(cells)
 
 
 class JsonlWriter:
-    def __init__(self, stream: TextIO) -> None:
+    def __init__(self, stream: TextIO, top_k: int) -> None:
         self.stream = stream
 
     def write(self, row: Row) -> None:

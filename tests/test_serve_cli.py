@@ -232,7 +232,9 @@ def test_formats_parse(exported_run: Path, tmp_path: Path, capsys) -> None:
     assert main(["predict", str(tmp_path / "in"), *model, "--format", "csv", "--output", str(tmp_path / "p.csv")]) == 1
     rows = list(csv.DictReader((tmp_path / "p.csv").open()))
     assert len(rows) == 6 and rows[-1]["path"].endswith("bad.png") and rows[-1]["error"]
-    assert 0 < float(rows[0]["confidence"]) <= 1 and len(rows[0]["top_k"].split(";")) == 3
+    assert 0 < float(rows[0]["confidence"]) <= 1 and rows[0]["top1_class"] == rows[0]["class"]
+    assert float(rows[0]["top1_confidence"]) >= float(rows[0]["top2_confidence"]) >= float(rows[0]["top3_confidence"])
+    assert "top4_class" not in rows[0] and rows[-1]["top1_class"] == ""
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # temp output replaced
     assert main(["predict", str(tmp_path / "in"), *model, "--format", "jsonl"]) == 1
     records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
