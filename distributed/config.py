@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from serve_cli.cli import FRACTION, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, path_text
+from serve_cli.cli import (FRACTION, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, DefaultsHelpFormatter,
+                           number_in, path_text)
 
 from .data import TASKS
 from .datasets import DATASETS, FOLDER_PREFIX, folder_path
@@ -70,7 +71,8 @@ class TrainConfig:
     augment: bool = _opt(False, "random rotation (10 deg), scale (10%%) and shift (10%%) of every training "
                                 "image, on the device", action=argparse.BooleanOptionalAction)
     label_smoothing: float = _opt(0.1, "cross-entropy label smoothing, in [0, 1)", type=FRACTION)
-    seed: int = _opt(0, "seed for weights, shuffling, dropout and the validation split")
+    seed: int = _opt(0, "seed for weights, shuffling, dropout and the validation split, in [0, 2^32)",
+                     type=number_in(int, 0, 2 ** 32, high_open=True))
     val_size: int = _opt(0, "training images held out for model selection between epochs (e.g. 5000 for a run of "
                             "several epochs; 0: train on every image, best.pt = last.pt)",
                          type=NON_NEGATIVE_INT)
@@ -133,19 +135,13 @@ def hparams_of(config: dict[str, Any]) -> dict[str, Any]:
     return {name: config.get(name) for name in flags_of("recipe", "length", "runtime")}
 
 
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
-    def _get_help_string(self, action: argparse.Action) -> str:
-        # A None default is described in the flag's own text; argparse would add "(default: None)".
-        return action.help if action.default is None else super()._get_help_string(action)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m distributed.train",
         description="Train an MNIST classifier with DistributedDataParallel and AMP. "
                     "Launch with torchrun for several processes: "
                     "torchrun --nproc_per_node=N -m distributed.train ...",
-        formatter_class=_Formatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     for f in dataclasses.fields(TrainConfig):
         meta = {k: v for k, v in f.metadata.items() if k != "kind"}

@@ -24,7 +24,8 @@ import torch
 from distributed.checkpoint import CheckpointError
 from distributed.datasets import folder_path
 from distributed.files import CHECKPOINT_DIR
-from serve_cli.cli import NON_NEGATIVE, Stopped, number_in, path_text, stop_signals_deferred, stop_signals_raise
+from serve_cli.cli import (NON_NEGATIVE, DefaultsHelpFormatter, Stopped, number_in, path_text, stop_signals_deferred,
+                           stop_signals_raise)
 from serve_cli.files import write_json
 from serve_cli.manifest import (FORMAT_VERSION, INPUT_NAME, MANIFEST, OUTPUT_NAME, ManifestError, file_entry, is_ours,
                                 is_plain_name, load_json, probe_images, read_manifest, seal, sha256_file, verify_file)
@@ -41,7 +42,7 @@ ARTIFACT_FILES = {"onnx": "model.onnx", "torchscript": "model.ts", "exported_pro
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m export", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=DefaultsHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--run-dir", type=path_text,
                      help="training run dir: exports checkpoints/best.pt into RUN_DIR/export")
@@ -58,13 +59,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+MAX_BATCH, MAX_BATCH_SIZES = 65536, 8
+
+
 def parse_batch_sizes(text: str, parser: argparse.ArgumentParser) -> list[int]:
     try:
         sizes = sorted({int(s) for s in text.split(",")})
     except ValueError:
         parser.error(f"--batch-sizes {text!r}: give whole numbers separated by commas, e.g. 1,7,1000")
-    if sizes[0] < 1:
-        parser.error("--batch-sizes must be at least 1")
+    if sizes[0] < 1 or sizes[-1] > MAX_BATCH or len(sizes) > MAX_BATCH_SIZES:
+        parser.error(f"--batch-sizes {text}: give at most {MAX_BATCH_SIZES} sizes from 1 to {MAX_BATCH} (the "
+                     f"parity set runs once per size; a size above the set's count runs it in one batch)")
     return sizes
 
 

@@ -19,7 +19,7 @@ from typing import Iterable, Iterator, TextIO
 
 import numpy as np
 
-from .cli import Stopped, UsageError, stop_signals_raise
+from .cli import NON_NEGATIVE_INT, DefaultsHelpFormatter, Stopped, UsageError, number_in, stop_signals_raise
 from .images import find_images
 from .manifest import ManifestError, verify_file
 from .model import MODEL_ENV, LoadedModel, ModelError, default_model_dir, open_manifest, resolve_model, softmax
@@ -27,11 +27,14 @@ from .output import WRITERS, OutputError, Row, check_output, open_output, what_b
 from .pool import Chunk, processed_batches, worker_pool
 
 
+MAX_BATCH = 16384  # a model call's images: larger ones are no faster, and each holds 3 kB an image
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="serve_cli", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("predict", help="predict every image in the given files and folders",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=DefaultsHelpFormatter)
     p.add_argument("inputs", nargs="+", help="image files and/or folders")
     p.add_argument("--model", help=f"export dir with manifest.json (default: ${MODEL_ENV}, else the newest "
                                    f"runs/*/export)")
@@ -40,12 +43,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "provider is available")
     p.add_argument("--format", choices=sorted(WRITERS), default="table")
     p.add_argument("--output", help="write rows to this file instead of stdout")
-    p.add_argument("--top-k", type=int, default=0, help="also list the K most likely classes")
-    p.add_argument("--batch-size", type=int, default=256, help="images per model call")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                   help="processes that decode images and, on the CPU, each run a copy of the model")
-    p.add_argument("--threads", type=int, default=0,
-                   help="model threads per copy (0: 1 per worker, or the runtime's choice with --workers 1)")
+    cores = usable_cores()
+    p.add_argument("--top-k", type=NON_NEGATIVE_INT, default=0, help="also list the K most likely classes")
+    p.add_argument("--batch-size", type=number_in(int, 1, MAX_BATCH), default=256,
+                   help=f"images per model call, at most {MAX_BATCH} (each batch in flight holds ~3 kB an image)")
+    p.add_argument("--workers", type=number_in(int, 1, 4 * cores), default=cores,
+                   help=f"processes that decode images and, on the CPU, each run a copy of the model (default: the "
+                        f"{cores} core(s) this process may use; at most 4 a core, for slow file systems)")
+    p.add_argument("--threads", type=number_in(int, 0, cores), default=0,
+                   help=f"model threads per copy, at most the {cores} core(s) (0: 1 per worker, or the runtime's "
+                        f"choice with --workers 1)")
     p.add_argument("--recursive", "-r", action="store_true", help="descend into sub-folders")
     i = sub.add_parser("info", help="what an exported model is: classes, input, artifacts, parity, accuracy")
     i.add_argument("model", nargs="?", help="export dir (default as for predict)")
@@ -86,9 +93,12 @@ def check_inputs(inputs: list[str], recursive: bool) -> Iterator[Path]:
     return itertools.chain([first], paths)
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity: a container's or a SLURM job's share)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def predict(args: argparse.Namespace) -> int:
-    if args.batch_size < 1 or args.workers < 1 or args.top_k < 0 or args.threads < 0:
-        raise UsageError("--batch-size and --workers must be at least 1, --top-k and --threads at least 0")
     check_output(args.output, args.inputs, args.recursive)
     paths = check_inputs(args.inputs, args.recursive)
     model_dir = Path(args.model) if args.model else default_model_dir()

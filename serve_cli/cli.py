@@ -26,7 +26,8 @@ def number_in(kind: type, low: float, high: float = math.inf, high_open: bool = 
             raise argparse.ArgumentTypeError(f"{text!r} is not a{' whole' if kind is int else ''} number") from None
         if not (math.isfinite(value) and (value > low if low_open else value >= low)
                 and (value < high if high_open else value <= high)):
-            bounds = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+            shown = (lambda v: str(int(v)) if kind is int and math.isfinite(v) else f"{v:g}")
+            bounds = f"{'(' if low_open else '['}{shown(low)}, {shown(high)}{')' if high_open else ']'}"
             raise argparse.ArgumentTypeError(f"{text} is not in {bounds}")
         return value
     return parse
@@ -37,6 +38,16 @@ NON_NEGATIVE_INT = number_in(int, 0)
 POSITIVE = number_in(float, 0, low_open=True)
 NON_NEGATIVE = number_in(float, 0)
 FRACTION = number_in(float, 0, 1, high_open=True)  # [0, 1)
+
+
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's "(default: X)" after each flag's help, but where the help already gives the default or the
+    default is None (the help then says what its absence means)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or "default" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action) or ""
 
 
 def path_text(text: str) -> str:
