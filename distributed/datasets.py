@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from serve_cli.files import broken_link
+
 
 @dataclass(frozen=True)
 class Dataset:
@@ -94,6 +96,8 @@ def read_mnist(root: str | Path, train: bool, dataset: str = "mnist") -> tuple[t
     for path, ndim in ((images_file, 3), (labels_file, 1)):
         if path.is_file():
             check_idx(path, ndim)
+        elif os.path.lexists(path):  # a folder or a broken link: torchvision would try to download over it
+            raise DataError(f"{path} is not a file: remove it (it is extracted again from its .gz)")
     if images_file.is_file() and labels_file.is_file():
         images, digits = read_idx(images_file, 3), read_idx(labels_file, 1).long()
     else:
@@ -117,9 +121,9 @@ def check_folders(root: Path, raw: Path) -> None:
     below = raw.relative_to(root).parts
     for folder in [root] + [root.joinpath(*below[:i]) for i in range(1, len(below) + 1)]:
         name = f"--data-dir {root}" if folder == root else str(folder)
-        if folder.is_symlink() and not folder.exists():
-            raise DataError(f"{name} is a link to {os.readlink(folder)}, which does not exist: create that folder, "
-                            f"or remove the link")
+        broken = broken_link(folder)
+        if broken:
+            raise DataError(f"{broken.replace(str(folder), name, 1)}: make it lead to a folder, or remove it")
         if folder.exists() and not folder.is_dir():
             fix = "give --data-dir a folder" if folder == root else "move it away"
             raise DataError(f"{name} is a file, not a folder: {fix} (the dataset goes in {raw}/)")

@@ -8,6 +8,8 @@ import time
 from pathlib import Path
 from typing import TextIO
 
+from serve_cli.files import broken_link
+
 from .dist import DistEnv, all_ok
 
 LOCK_NAME = ".lock"
@@ -24,9 +26,9 @@ def prepare_run_dir(run_dir: Path) -> None:
     where it leads to a folder."""
     checkpoints = run_dir / CHECKPOINT_DIR
     for folder, name in ((run_dir, f"--run-dir {run_dir}"), (checkpoints, str(checkpoints))):
-        if folder.is_symlink() and not folder.exists():
-            raise RunDirError(f"{name} is a link to {os.readlink(folder)}, which does not exist: create that folder, "
-                              f"or remove the link")
+        broken = broken_link(folder)
+        if broken:
+            raise RunDirError(f"{broken.replace(str(folder), name, 1)}: make it lead to a folder, or remove it")
         if folder.exists() and not folder.is_dir():
             raise RunDirError(f"{name} is a file, not a folder: move it away, or choose another --run-dir")
         if folder == run_dir:

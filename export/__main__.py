@@ -12,6 +12,8 @@ import platform
 import shutil
 import sys
 import tempfile
+from contextlib import suppress
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -169,8 +171,19 @@ def previous_export(out_dir: Path) -> dict[str, Any] | None:
     return old
 
 
+class InstallError(OSError):
+    """A file system error between the first and the last rename of an install: the message says which files
+    are new."""
+
+
+@dataclass
+class Progress:
+    """How far an export got, for what a stop says: out_dir once it holds the new export in full."""
+    installed: Path | None = None
+
+
 def export_checkpoint(checkpoint: Path, out_dir: Path, data_dir: str | None, batch_sizes: list[int],
-                      atol: float, opset: int) -> dict[str, Any]:
+                      atol: float, opset: int, progress: Progress) -> dict[str, Any]:
     """Everything is built and gated in a staging dir beside out_dir; only a passing export is installed."""
     old = previous_export(out_dir)
     model, info = load_for_export(checkpoint)
@@ -184,33 +197,42 @@ def export_checkpoint(checkpoint: Path, out_dir: Path, data_dir: str | None, bat
         reference = eager_runtime(model)(probe_images(PROBE_SEED, PROBE_COUNT)).tolist()
         manifest = build_manifest(info, checkpoint, artifacts, parity, reference)
         write_json(staging / MANIFEST, manifest)
-        install(staging, out_dir, manifest, old)
+        install(staging, out_dir, manifest, old, progress)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return manifest
 
 
-def install(staging: Path, out_dir: Path, manifest: dict[str, Any], old: dict[str, Any] | None) -> None:
+def install(staging: Path, out_dir: Path, manifest: dict[str, Any], old: dict[str, Any] | None,
+            progress: Progress) -> None:
     """Move the new files in one by one, the manifest last, then remove what the old manifest listed and the
     new one does not. Nothing else in out_dir is touched. Each rename is atomic; a reader that comes between
     them sees a manifest whose hashes do not match and refuses, never a mix that answers. A stop signal waits
     until the renames are done (they take milliseconds), so a stopped export is all old or all new."""
     with stop_signals_deferred() as received:
         _install(staging, out_dir, manifest, old)
+        progress.installed = out_dir
     if received:
-        raise Stopped(received[0], f"it came as the export was installed, which was finished first: {out_dir} "
-                                   f"holds the new export, complete")
+        raise Stopped(received[0])
 
 
 def _install(staging: Path, out_dir: Path, manifest: dict[str, Any], old: dict[str, Any] | None) -> None:
     out_dir.mkdir(exist_ok=True)
     ours = [entry["file"] for entry in manifest["artifacts"].values()]
-    for name in ours + [MANIFEST]:
-        os.replace(staging / name, out_dir / name)
+    for i, name in enumerate(ours + [MANIFEST]):
+        try:
+            os.replace(staging / name, out_dir / name)
+        except OSError as e:
+            if i == 0:
+                raise  # nothing was moved yet
+            raise InstallError(e.errno, f"{out_dir / name}: {e.strerror} after {', '.join(ours[:i])} had been "
+                                        f"replaced, while {out_dir / MANIFEST} is the old export's (serve_cli "
+                                        f"refuses the dir): export again") from None
     for entry in (old or {}).get("artifacts", {}).values():
         name = entry.get("file") if isinstance(entry, dict) else None
         if is_plain_name(name) and name not in ours + [MANIFEST]:
-            (out_dir / name).unlink(missing_ok=True)
+            with suppress(OSError):  # the new export is in place; a file it does not list only takes space
+                (out_dir / name).unlink(missing_ok=True)
 
 
 def verify(directory: Path, data_dir: str | None, batch_sizes: list[int], atol: float) -> dict[str, Any]:
@@ -245,16 +267,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     sizes = parse_batch_sizes(args.batch_sizes, parser)
+    progress = Progress()
     try:
         with stop_signals_raise():
-            return run(args, parser, sizes)
+            return run(args, parser, sizes, progress)
     except Stopped as e:  # the staging dir is gone (finally); out-dir is as it was, or installed in full
-        print(f"error: stopped by signal {e.signum}; {e.outcome or 'nothing was exported or changed'}",
-              file=sys.stderr)
+        what = (f"it came once the export was installed: {progress.installed} holds the new export, complete"
+                if progress.installed else "nothing was exported or changed")
+        print(f"error: stopped by signal {e.signum}; {what}", file=sys.stderr)
         return 128 + e.signum
 
 
-def run(args: argparse.Namespace, parser: argparse.ArgumentParser, sizes: list[int]) -> int:
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser, sizes: list[int], progress: Progress) -> int:
     try:
         if args.verify:
             verify(Path(args.verify), args.data_dir, sizes, args.atol)
@@ -267,9 +291,12 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, sizes: list[i
             if not args.out_dir:
                 parser.error("--checkpoint needs --out-dir")
             checkpoint, out_dir = Path(args.checkpoint), Path(args.out_dir)
-        manifest = export_checkpoint(checkpoint, out_dir, args.data_dir, sizes, args.atol, args.opset)
+        manifest = export_checkpoint(checkpoint, out_dir, args.data_dir, sizes, args.atol, args.opset, progress)
     except (CheckpointError, ManifestError, ParityError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except InstallError as e:
+        print(f"error: {e.strerror}", file=sys.stderr)
         return 1
     except OSError as e:  # a full disk, an unwritable folder: nothing was installed
         where = f"{e.filename}: " if e.filename else ""

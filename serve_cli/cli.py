@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import signal
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
@@ -64,22 +65,37 @@ def first_line(error: BaseException, limit: int = 200) -> str:
 
 class Stopped(BaseException):
     """A stop signal, raised where the program is. A BaseException, as KeyboardInterrupt is: no
-    `except Exception` on its way (a decoder's, a loader's) swallows it. `outcome` says what the work had
-    done when the stop was taken (None: nothing was changed)."""
+    `except Exception` on its way (a decoder's, a loader's) swallows it."""
 
-    def __init__(self, signum: int, outcome: str | None = None) -> None:
+    def __init__(self, signum: int) -> None:
         super().__init__(signum)
         self.signum = signum
-        self.outcome = outcome
 
 
-def _raise_stopped(signum: int, frame: object) -> None:
-    raise Stopped(signum)
+def terminals() -> tuple[int, ...]:
+    """stdout and stderr where they are a terminal: what a hangup takes away."""
+    return tuple(fd for fd in (1, 2) if os.isatty(fd))
+
+
+def after_hangup(signum: int, ttys: tuple[int, ...]) -> None:
+    """After SIGHUP the terminal is gone, and every write to it fails (EIO): those of `ttys` write to /dev/null
+    from then on, so that the stop can still save and end as it should (a log file or pipe keeps its lines)."""
+    if signum != signal.SIGHUP or not ttys:
+        return
+    null = os.open(os.devnull, os.O_WRONLY)
+    for fd in ttys:
+        os.dup2(null, fd)
+    os.close(null)
 
 
 @contextmanager
 def stop_signals_raise() -> Iterator[None]:
     """Within: each stop signal raises Stopped (exit 128 + signum is the caller's); the previous handlers after."""
+    ttys = terminals()
+
+    def _raise_stopped(signum: int, frame: object) -> None:
+        after_hangup(signum, ttys)
+        raise Stopped(signum)
     previous = {signum: signal.signal(signum, _raise_stopped) for signum in STOP_SIGNALS}
     try:
         yield

@@ -1,7 +1,8 @@
-"""Writes that users rely on, for every package: atomic replacement of a regular file, and JSON. Imports nothing
-of ours."""
+"""Files, for every package: atomic replacement of a regular file, JSON, and what is wrong with a link.
+Imports nothing of ours."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -31,3 +32,15 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
 
 def write_json(path: Path, obj: Any) -> None:
     atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=2) + "\n"))
+
+
+def broken_link(path: Path) -> str | None:
+    """How a link that leads nowhere is broken, in words for an error message (None: not such a link)."""
+    if not path.is_symlink() or path.exists():
+        return None
+    try:
+        path.stat()
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return f"{path} is a link in a circle"
+    return f"{path} is a link to {os.readlink(path)}, which does not exist"

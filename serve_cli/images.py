@@ -143,9 +143,10 @@ def within_budget(img: Image.Image) -> None:
     """Refuse, from the header and before decoding, an image over MAX_PIXELS; a JPEG is decoded reduced
     instead (1/2 to 1/8 of each side, from its DCT), which costs no more than an image within the budget."""
     pixels = img.width * img.height
-    if pixels > MAX_PIXELS and img.format == "JPEG":
+    if pixels > MAX_PIXELS and img.format in ("JPEG", "MPO"):  # MPO: a camera's JPEG with more frames
         reduce = 2 ** math.ceil(math.log2(math.sqrt(pixels / MAX_PIXELS)))  # per side: 2, 4 or 8 for JPEG
-        img.draft(img.mode, (-(-img.width // reduce), -(-img.height // reduce)))
+        # Pillow takes the largest scale whose result is at least the size asked: w // reduce gives `reduce`
+        img.draft(img.mode, (img.width // reduce, img.height // reduce))
     if img.width * img.height > MAX_PIXELS:
         raise ImageError(f"image too large ({img.width}x{img.height} pixels; the limit is {MAX_PIXELS:,}, which "
                          f"bounds the memory one image may take): downscale it")
@@ -170,8 +171,9 @@ def to_gray(img: Image.Image) -> np.ndarray:
 
     - integer gray (I;16*, I): on the 8-bit scale (/255) when no value exceeds 255, else the 16-bit one (/65535);
       values below 0 or above 65535 fit neither and are refused;
-    - float gray (F): [0, 1] as it is, else [0, 255] on the 8-bit scale; values outside both, NaN or infinity
-      are refused (a normalised tensor saved as an image has no scale we could know);
+    - float gray (F): [0, 1] as it is, else [0, 255] on the 8-bit scale, each with half an 8-bit step to
+      spare above (1.0000001 is rounding, not another scale); values outside both, NaN or infinity are
+      refused (a normalised tensor saved as an image has no scale we could know);
     - with alpha (RGBA, LA, PA, La, RGBa, P with transparency): flattened onto a background that contrasts with
       the visible strokes;
     - the others (1, L, P, RGB, RGBX, CMYK, YCbCr, HSV, LAB): Pillow's luminance, L = 0.299 R + 0.587 G + 0.114 B
@@ -182,7 +184,8 @@ def to_gray(img: Image.Image) -> np.ndarray:
         return _on_a_scale(np.asarray(img).astype(np.float32), ((255.0, "0-255"), (65535.0, "0-65535")),
                            "integer")
     if mode == "F":
-        return _on_a_scale(np.asarray(img, dtype=np.float32), ((1.0, "0-1"), (255.0, "0-255")), "float")
+        return _on_a_scale(np.asarray(img, dtype=np.float32), ((1.0, "0-1"), (255.0, "0-255")), "float",
+                           slack=0.5 / 255)
     if mode == "P" and "transparency" in img.info or mode in ALPHA_MODES:
         if mode != "RGBA":
             img = (img.convert("LA") if mode == "La" else img).convert("RGBA")  # Pillow has no La -> RGBA
@@ -194,12 +197,13 @@ def to_gray(img: Image.Image) -> np.ndarray:
     raise ImageError(f"pixel mode {mode} is not one this tool reads: save the image as 8-bit gray or RGB")
 
 
-def _on_a_scale(a: np.ndarray, scales: tuple[tuple[float, str], ...], kind: str) -> np.ndarray:
-    """Gray values divided by the first scale they all fit in: [0, top]; ImageError when they fit none."""
+def _on_a_scale(a: np.ndarray, scales: tuple[tuple[float, str], ...], kind: str, slack: float = 0.0) -> np.ndarray:
+    """Gray values divided by the first scale they all fit in: [0, top * (1 + slack)] (digit_of clips what is
+    over); ImageError when they fit none."""
     low, high = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
     if math.isfinite(low) and math.isfinite(high) and low >= 0:
         for top, _ in scales:
-            if high <= top:
+            if high <= top * (1 + slack):
                 return a / np.float32(top)
     names = " nor ".join(name for _, name in scales)
     raise ImageError(f"{kind} pixels from {low:g} to {high:g} fit neither {names}: save the image with values in "

@@ -9,6 +9,7 @@ import re
 import stat
 import sys
 import tempfile
+import unicodedata
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,9 +30,10 @@ class Row:
 
 
 def shown(text: str) -> str:
-    """A name for the table, which people read: control characters (a newline in a file name would fake a row)
-    as escapes."""
-    return "".join(f"\\x{ord(c):02x}" if ord(c) < 32 or ord(c) == 127 else c for c in text)
+    """A name for the table, which people read: control characters (a newline in a file name would fake a row),
+    line separators and bidirectional marks (which reorder what is shown) as escapes."""
+    return "".join(c.encode("unicode_escape").decode() if unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp")
+                   else c for c in text)
 
 
 class TableWriter:
@@ -41,7 +43,7 @@ class TableWriter:
 
     def write(self, row: Row) -> None:
         if row.error is not None:
-            self.stream.write(f"{'-':>6} {'-':>5} {'error':>7}  {shown(row.path)}: {row.error}\n")
+            self.stream.write(f"{'-':>6} {'-':>5} {'error':>7}  {shown(row.path)}: {shown(row.error)}\n")
             return
         alternatives = "  (" + ", ".join(f"{shown(c)} {p:.1%}" for c, p in row.top_k) + ")" if row.top_k else ""
         self.stream.write(f"{shown(row.label or ''):>6} {row.index:>5} {row.confidence:>7.2%}  {shown(row.path)}"

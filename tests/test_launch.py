@@ -148,6 +148,44 @@ def test_a_stop_signal_exits_128_plus_its_number(bigger_data, tmp_path: Path, si
     assert checkpoint.load(tmp_path / "checkpoints" / "last.pt")["run"]["step"] >= first
 
 
+def test_a_closed_terminal_saves_a_checkpoint(bigger_data, tmp_path: Path) -> None:
+    """The terminal itself goes away (not a kill): the kernel sends SIGHUP, and every later write to the
+    terminal fails (EIO). The run must still save and exit 129, not die on its own progress line."""
+    import fcntl
+    import select
+    import termios
+    import threading
+    master, slave = os.openpty()
+
+    def controlling_terminal() -> None:  # after start_new_session's setsid: the pty becomes the session's tty
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    proc = subprocess.Popen([sys.executable, "-m", "distributed.train", *train_args(bigger_data, tmp_path)], cwd=ROOT,
+                            stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
+                            preexec_fn=controlling_terminal)
+    os.close(slave)
+    reading = threading.Event()
+    reading.set()
+
+    def drain() -> None:  # a terminal shows what it is sent; a full pty buffer would block the trainer
+        while reading.is_set():
+            if select.select([master], [], [], 0.05)[0]:
+                try:
+                    os.read(master, 65536)
+                except OSError:
+                    return
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    try:
+        first = wait_for_step(tmp_path / "checkpoints" / "last.pt", 1, proc)
+    finally:
+        reading.clear()
+        reader.join()
+        os.close(master)  # the window closes: hangup
+    assert proc.wait(timeout=120) == 128 + signal.SIGHUP
+    assert checkpoint.load(tmp_path / "checkpoints" / "last.pt")["run"]["step"] >= first
+
+
 def test_two_nodes_on_one_machine(synthetic_data, tmp_path: Path) -> None:
     env = script_env(NNODES="2", NPROC_PER_NODE="1", RDZV_ENDPOINT=f"127.0.0.1:{free_port()}",
                      RDZV_ID="two-nodes-test", MAX_RESTARTS="0")

@@ -144,8 +144,18 @@ def test_an_image_at_the_budget_decodes_within_the_memory_it_promises(tmp_path: 
     assert decode_with_memory_limit(tmp_path / "at_budget.png", 1 << 30).startswith("digit ")
 
 
-def test_a_jpeg_over_the_budget_is_decoded_reduced(tmp_path: Path) -> None:
-    photo = np.full((6000, 8000), 255, np.uint8)  # 48 M pixels, a phone camera's
-    photo[2000:4000, 3800:4200] = 0
-    Image.fromarray(photo).convert("RGB").save(tmp_path / "photo.jpg", quality=90)
-    assert decode_with_memory_limit(tmp_path / "photo.jpg", 1 << 30).startswith("digit ")
+@pytest.mark.parametrize("width, height, fmt", [(8000, 6000, "JPEG"), (5001, 5001, "JPEG"), (6000, 4000, "MPO")])
+def test_a_jpeg_over_the_budget_is_decoded_reduced(tmp_path: Path, width: int, height: int, fmt: str) -> None:
+    """48 M pixels (a phone camera's), a side that 2 does not divide, and a camera's multi-picture JPEG."""
+    photo = np.full((height, width), 255, np.uint8)
+    photo[height // 3:2 * height // 3, width // 2 - 200:width // 2 + 200] = 0
+    img = Image.fromarray(photo).convert("RGB")
+    path = tmp_path / f"photo.{fmt.lower()}"
+    img.save(path, fmt, quality=90, **({"save_all": True, "append_images": [img]} if fmt == "MPO" else {}))
+    assert decode_with_memory_limit(path, 1 << 30).startswith("digit ")
+
+
+def test_floats_a_rounding_above_one_are_on_the_unit_scale() -> None:
+    values = DIGIT.astype(np.float32) / 255
+    values[values == 1] = np.float32(1.0000001)
+    assert values.max() > 1 and np.array_equal(digit_of(Image.fromarray(values)), DIGIT)

@@ -61,7 +61,7 @@ def test_a_failed_first_save_does_not_claim_a_previous_checkpoint(tmp_path: Path
     assert "no last.pt was written" in str(e.value) and "disk" not in str(e.value), e.value
 
 
-@pytest.mark.parametrize("layout", ["file", "inner file", "dangling link"])
+@pytest.mark.parametrize("layout", ["file", "inner file", "dangling link", "link loop", "raw file a folder"])
 def test_a_data_dir_that_is_not_a_folder_says_so(tmp_path: Path, capsys, layout: str) -> None:
     data = tmp_path / "data"
     if layout == "file":
@@ -71,9 +71,15 @@ def test_a_data_dir_that_is_not_a_folder_says_so(tmp_path: Path, capsys, layout:
         data.mkdir()
         (data / "MNIST").write_text("keep")
         named, needle = str(data / "MNIST"), "is a file, not a folder: move it away"
-    else:
+    elif layout == "dangling link":
         data.symlink_to(tmp_path / "gone")
         named, needle = f"--data-dir {data}", "which does not exist"
+    elif layout == "link loop":
+        data.symlink_to(data)
+        named, needle = f"--data-dir {data}", "is a link in a circle"
+    else:
+        (data / "MNIST" / "raw" / "train-images-idx3-ubyte").mkdir(parents=True)
+        named, needle = str(data / "MNIST" / "raw" / "train-images-idx3-ubyte"), "is not a file: remove it"
     assert train(train_args(data, tmp_path / "run")) == 1
     line = error_line(capsys)
     assert line.startswith(f"error: {named} ") and needle in line, line
