@@ -23,7 +23,7 @@ from .cli import NON_NEGATIVE_INT, DefaultsHelpFormatter, Stopped, UsageError, n
 from .images import find_images
 from .manifest import ManifestError, verify_file
 from .model import MODEL_ENV, LoadedModel, ModelError, default_model_dir, open_manifest, resolve_model, softmax
-from .output import WRITERS, OutputError, Row, check_output, open_output, what_became_of
+from .output import WRITERS, OutputError, Row, Written, check_output, open_output, what_became_of
 from .pool import Chunk, processed_batches, worker_pool
 
 
@@ -98,12 +98,12 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def predict(args: argparse.Namespace) -> int:
+def predict(args: argparse.Namespace, written: Written) -> int:
     check_output(args.output, args.inputs, args.recursive)
     paths = check_inputs(args.inputs, args.recursive)
     model_dir = Path(args.model) if args.model else default_model_dir()
     start = time.perf_counter()
-    with open_output(args.output) as stream:
+    with open_output(args.output, written) as stream:
         manifest, runtime = resolve_model(model_dir, args.runtime, args.threads or None)
         # On the CPU each worker runs its own model copy, one thread each unless --threads says otherwise;
         # a GPU session stays single, in this process, fed by the workers' decoded images.
@@ -201,9 +201,10 @@ def describe(directory: Path, m: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    written = Written()
     try:
         with stop_signals_raise():  # stop promptly, leave no partial output file
-            return predict(args) if args.command == "predict" else info(args)
+            return predict(args, written) if args.command == "predict" else info(args)
     except (UsageError, ModelError) as e:
         print(f"serve_cli: error: {e}", file=sys.stderr)
         return 2
@@ -211,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.close()
         return 0
     except Stopped as e:
-        print(f"serve_cli: interrupted by signal {e.signum}; {what_became_of(args.output)}", file=sys.stderr)
+        print(f"serve_cli: interrupted by signal {e.signum}; {what_became_of(args.output, written)}", file=sys.stderr)
         return 128 + e.signum
     except OutputError as e:  # a full disk or device while writing rows
         print(f"serve_cli: error: {e.strerror}", file=sys.stderr)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, TextIO
 
-from .cli import UsageError
+from .cli import Stopped, UsageError, stop_signals_deferred
 from .images import IMAGE_SUFFIXES
 
 
@@ -111,8 +111,15 @@ class OutputError(OSError):
     """Writing the rows failed (a full disk or device); the message says what became of --output."""
 
 
+@dataclass
+class Written:
+    """Whether every row has reached its place (the output replaced, or written through and closed): what a
+    stop after that says."""
+    complete: bool = False
+
+
 @contextmanager
-def open_output(path: str | None) -> Iterator[TextIO]:
+def open_output(path: str | None, written: Written) -> Iterator[TextIO]:
     """stdout; or, for a regular file (or a link to one, which stays a link), a temp file beside the real file
     that replaces it only when the run completes; or, for anything else (a device, a FIFO, /dev/fd/N), the
     path itself, written through: replacing it would swap a system's device node for a file.
@@ -123,6 +130,8 @@ def open_output(path: str | None) -> Iterator[TextIO]:
         if hasattr(sys.stdout, "reconfigure"):  # file names that are not UTF-8 print as their bytes
             sys.stdout.reconfigure(errors="surrogateescape")
         yield sys.stdout
+        sys.stdout.flush()
+        written.complete = True
         return
     if writes_through(Path(path)):
         try:
@@ -132,6 +141,7 @@ def open_output(path: str | None) -> Iterator[TextIO]:
         try:
             with stream:  # closing flushes: a full device fails here
                 yield stream
+            written.complete = True
         except BrokenPipeError:
             raise
         except OSError as e:
@@ -145,8 +155,12 @@ def open_output(path: str | None) -> Iterator[TextIO]:
     try:
         with os.fdopen(fd, "w", errors="surrogateescape") as stream:
             yield stream
-        keep_owner_and_mode(tmp, target)
-        os.replace(tmp, target)
+        with stop_signals_deferred() as received:  # a stop now would say nothing was written
+            keep_owner_and_mode(tmp, target)
+            os.replace(tmp, target)
+            written.complete = True
+        if received:
+            raise Stopped(received[0])
     except BaseException as e:  # a stop, a full disk, a closed pipe: the target is as it was
         Path(tmp).unlink(missing_ok=True)
         if isinstance(e, OSError) and not isinstance(e, BrokenPipeError):
@@ -229,8 +243,10 @@ def check_output(output: str | None, inputs: list[str], recursive: bool) -> None
             raise UsageError(f"--output {output} is one of the input images: choose another file name")
 
 
-def what_became_of(output: str | None) -> str:
+def what_became_of(output: str | None, written: Written) -> str:
     """After a stop: where the rows went. A replaced file is untouched until the end; the others got part of them."""
+    if written.complete:
+        return f"every row was written{f' to {output}' if output else ''}"
     if output is None:
         return "the rows printed so far are incomplete"
     try:

@@ -553,12 +553,14 @@ def test_output_keeps_its_owner_and_refuses_a_trailing_slash(exported_run: Path,
 
 
 def test_stop_message_says_where_rows_went(tmp_path: Path) -> None:
-    from serve_cli.output import what_became_of
+    from serve_cli.output import Written, what_became_of
     fifo = tmp_path / "rows.fifo"
     os.mkfifo(fifo)
-    assert what_became_of(str(fifo)) == f"{fifo} holds the rows written so far (incomplete)"
-    assert what_became_of(str(tmp_path / "rows.csv")) == "no --output file was written"
-    assert what_became_of(None) == "the rows printed so far are incomplete"
+    assert what_became_of(str(fifo), Written()) == f"{fifo} holds the rows written so far (incomplete)"
+    assert what_became_of(str(tmp_path / "rows.csv"), Written()) == "no --output file was written"
+    assert what_became_of(None, Written()) == "the rows printed so far are incomplete"
+    rows = str(tmp_path / "rows.csv")
+    assert what_became_of(rows, Written(complete=True)) == f"every row was written to {rows}"  # a stop at the end
 
 
 def test_damaged_bytes_inside_a_readable_cache_are_caught_and_repaired(tmp_path: Path) -> None:
