@@ -7,13 +7,10 @@
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import shutil
 import sys
 import tempfile
-from contextlib import suppress
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -26,13 +23,13 @@ import torch
 from distributed.checkpoint import CheckpointError
 from distributed.datasets import folder_path
 from distributed.files import CHECKPOINT_DIR
-from serve_cli.cli import (NON_NEGATIVE, DefaultsHelpFormatter, Stopped, number_in, path_text, stop_signals_deferred,
-                           stop_signals_raise)
+from serve_cli.cli import NON_NEGATIVE, DefaultsHelpFormatter, Stopped, number_in, path_text, stop_signals_raise
 from serve_cli.files import write_json
-from serve_cli.manifest import (FORMAT_VERSION, INPUT_NAME, MANIFEST, OUTPUT_NAME, ManifestError, file_entry, is_ours,
-                                is_plain_name, load_json, probe_images, read_manifest, seal, sha256_file, verify_file)
+from serve_cli.manifest import (FORMAT_VERSION, INPUT_NAME, MANIFEST, OUTPUT_NAME, ManifestError, file_entry,
+                                probe_images, read_manifest, seal, sha256_file, verify_file)
 
 from .formats import write_exported_program, write_onnx, write_torchscript
+from .install import InstallError, Progress, install, previous_export
 from .parity import (ParityError, compare, eager_runtime, failures, format_report, load_runtimes, parity_report,
                      parity_set)
 from .wrap import load_for_export
@@ -152,36 +149,6 @@ def check_recorded_accuracy(info: dict[str, Any], accuracy: float, count: int, f
                           f"saved with; export another checkpoint or train again")
 
 
-def previous_export(out_dir: Path) -> dict[str, Any] | None:
-    """The manifest of the export that `out_dir` holds (None when it is new or empty); refuses any other folder,
-    before any work is done, so that an export never replaces what it did not write."""
-    if not out_dir.exists():
-        return None
-    if not out_dir.is_dir():
-        raise ManifestError(f"--out-dir {out_dir} is a file: choose a folder")
-    if not any(out_dir.iterdir()):
-        return None
-    try:
-        old = load_json(out_dir / MANIFEST)
-    except ManifestError:
-        old = None
-    if not is_ours(old):
-        raise ManifestError(f"--out-dir {out_dir} holds files that are not an export of this tool: choose an empty "
-                            f"or new folder")
-    return old
-
-
-class InstallError(OSError):
-    """A file system error between the first and the last rename of an install: the message says which files
-    are new."""
-
-
-@dataclass
-class Progress:
-    """How far an export got, for what a stop says: out_dir once it holds the new export in full."""
-    installed: Path | None = None
-
-
 def export_checkpoint(checkpoint: Path, out_dir: Path, data_dir: str | None, batch_sizes: list[int],
                       atol: float, opset: int, progress: Progress) -> dict[str, Any]:
     """Everything is built and gated in a staging dir beside out_dir; only a passing export is installed."""
@@ -201,38 +168,6 @@ def export_checkpoint(checkpoint: Path, out_dir: Path, data_dir: str | None, bat
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return manifest
-
-
-def install(staging: Path, out_dir: Path, manifest: dict[str, Any], old: dict[str, Any] | None,
-            progress: Progress) -> None:
-    """Move the new files in one by one, the manifest last, then remove what the old manifest listed and the
-    new one does not. Nothing else in out_dir is touched. Each rename is atomic; a reader that comes between
-    them sees a manifest whose hashes do not match and refuses, never a mix that answers. A stop signal waits
-    until the renames are done (they take milliseconds), so a stopped export is all old or all new."""
-    with stop_signals_deferred() as received:
-        _install(staging, out_dir, manifest, old)
-        progress.installed = out_dir
-    if received:
-        raise Stopped(received[0])
-
-
-def _install(staging: Path, out_dir: Path, manifest: dict[str, Any], old: dict[str, Any] | None) -> None:
-    out_dir.mkdir(exist_ok=True)
-    ours = [entry["file"] for entry in manifest["artifacts"].values()]
-    for i, name in enumerate(ours + [MANIFEST]):
-        try:
-            os.replace(staging / name, out_dir / name)
-        except OSError as e:
-            if i == 0:
-                raise  # nothing was moved yet
-            raise InstallError(e.errno, f"{out_dir / name}: {e.strerror} after {', '.join(ours[:i])} had been "
-                                        f"replaced, while {out_dir / MANIFEST} is the old export's (serve_cli "
-                                        f"refuses the dir): export again") from None
-    for entry in (old or {}).get("artifacts", {}).values():
-        name = entry.get("file") if isinstance(entry, dict) else None
-        if is_plain_name(name) and name not in ours + [MANIFEST]:
-            with suppress(OSError):  # the new export is in place; a file it does not list only takes space
-                (out_dir / name).unlink(missing_ok=True)
 
 
 def verify(directory: Path, data_dir: str | None, batch_sizes: list[int], atol: float) -> dict[str, Any]:

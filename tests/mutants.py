@@ -61,7 +61,7 @@ MUTANTS: dict[str, tuple[str, str, str, str]] = {
                          "    if False:", "tests/test_hostile.py -k edited_manifest"),
     "probe_unchecked": ("serve_cli/model.py", "        if expected is None:\n            return None",
                         "        if True:\n            return None", "tests/test_hostile.py -k fewer_classes"),
-    "export_removes_foreign": ("export/__main__.py", "    if not is_ours(old):", "    if False:",
+    "export_removes_foreign": ("export/install.py", "    if not is_ours(old):", "    if False:",
                                "tests/test_hostile.py -k someone_elses"),
     "output_may_be_input": ("serve_cli/output.py", "    if not target.exists():\n        return\n    real",
                             "    if True:\n        return\n    real", "tests/test_hostile.py -k output_that_is_an_input"),
