@@ -70,7 +70,7 @@ def main() -> None:
     import numpy as np
 
     from serve_cli.pool import process_batch, worker_pool
-    from serve_cli.images import find_images
+    from serve_cli.base.images import find_images
     from serve_cli.model import load_model
 
     model_dir = Path(args.model)

@@ -37,8 +37,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from serve_cli.cli import first_line
-from serve_cli.files import atomic_write
+from serve_cli.base.cli import first_line
+from serve_cli.base.files import atomic_write
 
 from .config import TrainConfig, flags_of, hparams_of
 from .data import MEAN, STD

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from serve_cli.files import broken_link
+from serve_cli.base.files import broken_link
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from serve_cli.cli import first_line
+from serve_cli.base.cli import first_line
 
 from .digest import digest
 

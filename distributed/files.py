@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import TextIO
 
-from serve_cli.files import broken_link
+from serve_cli.base.files import broken_link
 
 from .dist import DistEnv, all_ok
 

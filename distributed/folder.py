@@ -5,7 +5,7 @@ they are the splits; otherwise a file is a test image when the sha256 of its pat
 as a number, is divisible by 6 (a sixth of each class, stable when files are added or removed, the same
 for every --seed). The validation split is then cut from the training images by --val-size as for MNIST.
 
-Every image goes through serve_cli's own preprocessing (`serve_cli.images.digit_bytes`), so training and
+Every image goes through serve_cli's own preprocessing (`serve_cli.base.images.digit_bytes`), so training and
 serving see the same pixels by construction. The decoded images live in PATH/.mnist-ddp-cache.pt, valid
 while every file's relative path, size and mtime are unchanged; files that cannot be read (not images,
 links to nothing or to themselves, pipes) are skipped and listed in it too.
@@ -30,8 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from serve_cli.files import atomic_write
-from serve_cli.images import IMAGE_SUFFIXES, digits_or_reasons
+from serve_cli.base.files import atomic_write
+from serve_cli.base.images import IMAGE_SUFFIXES, digits_or_reasons
 
 from .digest import digest
 

@@ -11,7 +11,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from serve_cli.files import write_json
+from serve_cli.base.files import write_json
 
 from .checkpoint import RunState
 from .config import TrainConfig, hparams_of

@@ -2,7 +2,7 @@
 
 SLURM and Kubernetes stop jobs with SIGTERM, a user with Ctrl-C, a closed terminal with SIGHUP. Before the
 training loop starts there is nothing to save, so the signal stops the process at once
-(serve_cli.cli.Stopped: the data phase may take a while, a folder's first decoding); once the loop runs, the
+(serve_cli.base.cli.Stopped: the data phase may take a while, a folder's first decoding); once the loop runs, the
 ranks agree on a step to stop at together, save, and raise Preempted.
 """
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from serve_cli.cli import Stopped, after_hangup, terminals
+from serve_cli.base.cli import Stopped, after_hangup, terminals
 
 
 class Preempted(Exception):
@@ -24,7 +24,7 @@ class Diverged(RuntimeError):
 @dataclass
 class StopRequest:
     """The signal handler: raises Stopped before training, else records the signal for the loop to agree on.
-    `ttys`: the terminals a hangup takes away (serve_cli.cli.after_hangup), read when the handler is made."""
+    `ttys`: the terminals a hangup takes away (serve_cli.base.cli.after_hangup), read when the handler is made."""
     signal: int | None = None
     training: bool = False
     ttys: tuple[int, ...] = field(default_factory=terminals)

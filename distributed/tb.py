@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from serve_cli.files import atomic_write
+from serve_cli.base.files import atomic_write
 
 from .dist import DistEnv
 

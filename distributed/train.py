@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from serve_cli.cli import STOP_SIGNALS, Stopped, first_line
+from serve_cli.base.cli import STOP_SIGNALS, Stopped, first_line
 
 from . import checkpoint, dist
 from .build import Parts, build_parts

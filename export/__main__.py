@@ -23,9 +23,9 @@ import torch
 from distributed.checkpoint import CheckpointError
 from distributed.datasets import folder_path
 from distributed.files import CHECKPOINT_DIR
-from serve_cli.cli import NON_NEGATIVE, DefaultsHelpFormatter, Stopped, number_in, path_text, stop_signals_raise
-from serve_cli.files import write_json
-from serve_cli.manifest import (FORMAT_VERSION, INPUT_NAME, MANIFEST, OUTPUT_NAME, ManifestError, file_entry,
+from serve_cli.base.cli import NON_NEGATIVE, DefaultsHelpFormatter, Stopped, number_in, path_text, stop_signals_raise
+from serve_cli.base.files import write_json
+from serve_cli.base.manifest import (FORMAT_VERSION, INPUT_NAME, MANIFEST, OUTPUT_NAME, ManifestError, file_entry,
                                 probe_images, read_manifest, seal, sha256_file, verify_file)
 
 from .formats import write_exported_program, write_onnx, write_torchscript
@@ -78,7 +78,7 @@ def versions() -> dict[str, str]:
 
 
 # What serve_cli does to an image file before the model sees it; a folder dataset was trained through the same.
-PREPROCESSING = ("serve_cli.images.digit_bytes: first frame, EXIF orientation, gray; light paper inverted; ink "
+PREPROCESSING = ("serve_cli.base.images.digit_bytes: first frame, EXIF orientation, gray; light paper inverted; ink "
                  "stretched, cropped, scaled to 20 px and centred by mass in 28x28 (28x28 dark images as they are); "
                  "8-bit levels")
 

@@ -13,8 +13,8 @@ import onnx
 import torch
 from torch import nn
 
-from serve_cli.files import atomic_write
-from serve_cli.manifest import INPUT_NAME, OUTPUT_NAME
+from serve_cli.base.files import atomic_write
+from serve_cli.base.manifest import INPUT_NAME, OUTPUT_NAME
 
 MAX_BATCH = 1 << 16
 

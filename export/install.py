@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from serve_cli.cli import Stopped, stop_signals_deferred
-from serve_cli.manifest import MANIFEST, ManifestError, is_ours, is_plain_name, load_json
+from serve_cli.base.cli import Stopped, stop_signals_deferred
+from serve_cli.base.manifest import MANIFEST, ManifestError, is_ours, is_plain_name, load_json
 
 
 def previous_export(out_dir: Path) -> dict[str, Any] | None:

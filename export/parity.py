@@ -14,8 +14,8 @@ from torch import nn
 from distributed.data import split_digest, task_of, to_unit
 from distributed.datasets import DATASETS, DataError, folder_path, read_mnist
 from distributed.folder import FolderError, load_folder
-from serve_cli.cli import first_line
-from serve_cli.manifest import INPUT_NAME, probe_images
+from serve_cli.base.cli import first_line
+from serve_cli.base.manifest import INPUT_NAME, probe_images
 
 Runner = Callable[[np.ndarray], np.ndarray]  # float32 [N, 1, 28, 28] -> logits [N, C]
 

@@ -11,7 +11,7 @@ from distributed import checkpoint
 from distributed.data import MEAN, STD, TASKS, task_of
 from distributed.datasets import DATASETS, folder_path
 from distributed.models import MODELS, build_model
-from serve_cli.cli import first_line
+from serve_cli.base.cli import first_line
 
 
 class InferenceModel(nn.Module):

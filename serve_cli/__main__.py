@@ -19,9 +19,9 @@ from typing import Iterable, Iterator, TextIO
 
 import numpy as np
 
-from .cli import NON_NEGATIVE_INT, DefaultsHelpFormatter, Stopped, UsageError, number_in, stop_signals_raise
-from .images import find_images
-from .manifest import ManifestError, verify_file
+from .base.cli import NON_NEGATIVE_INT, DefaultsHelpFormatter, Stopped, UsageError, number_in, stop_signals_raise
+from .base.images import find_images
+from .base.manifest import ManifestError, verify_file
 from .model import MODEL_ENV, LoadedModel, ModelError, default_model_dir, open_manifest, resolve_model, softmax
 from .output import WRITERS, OutputError, Row, Written, check_output, open_output, what_became_of
 from .pool import Chunk, processed_batches, worker_pool

@@ -14,8 +14,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .cli import first_line
-from .manifest import INPUT_NAME, ManifestError, probe_images, read_manifest, verify_file
+from .base.cli import first_line
+from .base.manifest import INPUT_NAME, ManifestError, probe_images, read_manifest, verify_file
 
 MODEL_ENV = "SERVE_CLI_MODEL"
 ARTIFACT_OF = {"onnxruntime": "onnx", "torchscript": "torchscript"}  # runtime -> manifest artifact key

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, TextIO
 
-from .cli import Stopped, UsageError, stop_signals_deferred
-from .images import IMAGE_SUFFIXES
+from .base.cli import Stopped, UsageError, stop_signals_deferred
+from .base.images import IMAGE_SUFFIXES
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from .images import digit_or_reason, load_digit
+from .base.images import digit_or_reason, load_digit
 from .model import ModelError, Runtime
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from distributed import checkpoint, dist
-from serve_cli.files import atomic_write
+from serve_cli.base.files import atomic_write
 
 
 def test_more_ranks_than_gpus_is_a_clear_error(monkeypatch) -> None:

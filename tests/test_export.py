@@ -15,7 +15,7 @@ from distributed import checkpoint
 from distributed.data import TASKS
 from distributed.models import build_model
 from export.__main__ import main
-from serve_cli.manifest import read_manifest, seal, sha256_file
+from serve_cli.base.manifest import read_manifest, seal, sha256_file
 
 RUNTIMES = {"eager", "torchscript", "exported_program", "onnxruntime"}
 

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from conftest import ROOT
-from serve_cli.manifest import read_manifest, verify_file
+from serve_cli.base.manifest import read_manifest, verify_file
 
 # A re-export with one fault injected at the first rename into the out dir (argv[3]):
 #   thread: a stop signal reaches a thread that masks nothing (as torch's and ONNX Runtime's threads do) and

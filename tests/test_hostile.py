@@ -24,7 +24,7 @@ from conftest import ROOT, resave, synthetic_digits, write_synthetic_mnist
 from distributed import checkpoint
 from distributed.train import main as train
 from export.__main__ import main as export
-from serve_cli.manifest import seal
+from serve_cli.base.manifest import seal
 from serve_cli.__main__ import main as serve
 
 pytestmark = pytest.mark.slow

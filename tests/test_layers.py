@@ -1,4 +1,5 @@
-"""The packages form a stack: serve_cli (torch-free, the shared contract) <- distributed <- export."""
+"""The packages form a stack: serve_cli.base (torch-free, the shared contract) <- serve_cli's CLI, distributed <-
+export. Nothing in the base imports torch or the CLI; the trainer and the exporter import the base, never the CLI."""
 from __future__ import annotations
 
 import ast
@@ -9,30 +10,50 @@ import pytest
 
 from conftest import ROOT
 
-BELOW = {"serve_cli": set(), "distributed": {"serve_cli"}, "export": {"serve_cli", "distributed"}}
+# each layer -> the layers of ours it may import (a layer is a package, or serve_cli's base sub-package)
+BELOW = {"serve_cli.base": set(), "serve_cli": {"serve_cli.base"}, "distributed": {"serve_cli.base"},
+         "export": {"serve_cli.base", "distributed"}}
 
 
-def imports_of(package: str) -> dict[str, set[str]]:
-    """Each module of `package` -> the other packages of ours it imports (at any depth of the file)."""
+def layer_of(module: str) -> str | None:
+    """The layer an absolute module name belongs to (None: not ours)."""
+    parts = module.split(".")
+    if parts[0] == "serve_cli":
+        return "serve_cli.base" if parts[1:2] == ["base"] else "serve_cli"
+    return parts[0] if parts[0] in BELOW else None
+
+
+def files_of(layer: str) -> list:
+    folder = ROOT.joinpath(*layer.split("."))
+    return sorted(folder.glob("*.py"))
+
+
+def imports_of(layer: str) -> dict[str, set[str]]:
+    """Each module of `layer` -> the other layers of ours it imports (at any depth of the file; a relative import
+    resolved against the module's package)."""
     found = {}
-    for path in sorted((ROOT / package).glob("*.py")):
-        tops = set()
+    for path in files_of(layer):
+        package = ".".join(path.parent.relative_to(ROOT).parts)
+        names = []
         for node in ast.walk(ast.parse(path.read_text())):
-            names = [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else \
-                [a.name for a in node.names] if isinstance(node, ast.Import) else []
-            tops |= {n.split(".")[0] for n in names} & set(BELOW) - {package}
-        found[path.name] = tops
+            if isinstance(node, ast.ImportFrom):
+                base = package.rsplit(".", node.level - 1)[0] if node.level else ""
+                names.append(".".join(n for n in (base, node.module or "") if n))
+            elif isinstance(node, ast.Import):
+                names += [a.name for a in node.names]
+        found[path.name] = {layer_of(n) for n in names} - {None, layer}
     return found
 
 
 def test_imports_point_down_the_stack() -> None:
-    for package, allowed in BELOW.items():
-        for module, imported in imports_of(package).items():
-            assert imported <= allowed, f"{package}/{module} imports {sorted(imported - allowed)}"
+    for layer, allowed in BELOW.items():
+        assert files_of(layer), layer
+        for module, imported in imports_of(layer).items():
+            assert imported <= allowed, f"{layer}/{module} imports {sorted(imported - allowed)}"
 
 
 def test_serve_cli_imports_no_torch() -> None:
-    for path in (ROOT / "serve_cli").glob("*.py"):
+    for path in files_of("serve_cli") + files_of("serve_cli.base"):
         tree = ast.parse(path.read_text())
         names = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module} | \
             {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
@@ -40,6 +61,8 @@ def test_serve_cli_imports_no_torch() -> None:
         top_level = {a.name for n in tree.body if isinstance(n, ast.Import) for a in n.names} | \
             {n.module for n in tree.body if isinstance(n, ast.ImportFrom) and n.module}
         assert not {n for n in top_level if n.split(".")[0] == "torch"}, path.name
+        if path.parent.name == "base":  # the base: no torch at any depth
+            assert not {n for n in names if n.split(".")[0] == "torch"}, path.name
         assert path.name == "__init__.py" or names  # parsed something
 
 

@@ -1,4 +1,4 @@
-"""serve_cli.images.find_images: what `predict --recursive` reads, for trees as deep as the file system allows."""
+"""serve_cli.base.images.find_images: what `predict --recursive` reads, for trees as deep as the file system allows."""
 from __future__ import annotations
 
 import csv
@@ -14,7 +14,7 @@ from PIL import Image
 
 from conftest import synthetic_digits
 from serve_cli.__main__ import main
-from serve_cli.images import find_images
+from serve_cli.base.images import find_images
 
 DIGIT = synthetic_digits(1, seed=2)[0][0]
 

@@ -1,4 +1,4 @@
-"""serve_cli.images: every pixel mode Pillow can hand us is read on a stated scale or refused, and one image
+"""serve_cli.base.images: every pixel mode Pillow can hand us is read on a stated scale or refused, and one image
 can cost only so much memory. Training on folders uses the same function."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT, synthetic_digits
-from serve_cli.images import MAX_PIXELS, ImageError, digit_bytes, digit_of
+from serve_cli.base.images import MAX_PIXELS, ImageError, digit_bytes, digit_of
 
 DIGIT = synthetic_digits(1, seed=5)[0][0]  # uint8 [28, 28], dark background: passes through unscaled
 assert DIGIT.max() == 255
@@ -111,7 +111,7 @@ DECODE_UNDER_LIMIT = """
 import resource, sys
 from pathlib import Path
 resource.setrlimit(resource.RLIMIT_AS, (int(sys.argv[2]), int(sys.argv[2])))
-from serve_cli.images import digit_or_reason
+from serve_cli.base.images import digit_or_reason
 result = digit_or_reason(Path(sys.argv[1]))
 print(result if isinstance(result, str) else f"digit {int(result.sum())}")
 """

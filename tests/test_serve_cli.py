@@ -20,9 +20,9 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT, synthetic_digits
-from serve_cli.manifest import seal
+from serve_cli.base.manifest import seal
 from serve_cli.__main__ import main
-from serve_cli.images import load_digit
+from serve_cli.base.images import load_digit
 
 
 def save_pngs(folder: Path, images: np.ndarray) -> list[Path]:
