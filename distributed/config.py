@@ -32,6 +32,16 @@ DEFAULT_MODEL = "slimnet"
 KINDS = ("recipe", "length", "runtime", "logistics")
 
 
+class ConfigError(ValueError):
+    """A TrainConfig that no run can have; the message names the flag."""
+
+
+def own_task(dataset: str) -> str:
+    """The task name of a dataset other than MNIST: its own classes (a folder's name, else the dataset's)."""
+    folder = folder_path(dataset)
+    return folder.resolve().name if folder else dataset
+
+
 def dataset_name(text: str) -> str:
     """An argparse type: a torchvision dataset's name or folder:PATH."""
     if text in DATASETS or (text.startswith(FOLDER_PREFIX) and len(text) > len(FOLDER_PREFIX)):
@@ -39,7 +49,7 @@ def dataset_name(text: str) -> str:
     raise argparse.ArgumentTypeError(f"{text!r}: choose one of {', '.join(DATASETS)}, or folder:PATH")
 
 
-def _opt(default: Any, help: str, kind: str = "recipe", **kwargs: Any) -> Any:
+def _opt(default: Any, help: str, *, kind: str, **kwargs: Any) -> Any:
     assert kind in KINDS, kind
     return field(default=default, metadata={"help": help, "kind": kind, **kwargs})
 
@@ -48,10 +58,10 @@ def _opt(default: Any, help: str, kind: str = "recipe", **kwargs: Any) -> Any:
 class TrainConfig:
     dataset: str = _opt("mnist", f"{', '.join(DATASETS)} (torchvision's MNIST-format datasets, downloaded into "
                                  f"--data-dir on first use), or folder:PATH (one sub-folder of images per class)",
-                        type=dataset_name)
+                        type=dataset_name, kind="recipe")
     task: str | None = _opt(None, "MNIST only: digits (10 classes, the default) or binary (0-4 vs 5-9); other "
-                                  "datasets learn their own classes", choices=list(TASKS))
-    model: str | None = _opt(None, f"network from the registry (default: {DEFAULT_MODEL})")
+                                  "datasets learn their own classes", choices=list(TASKS), kind="recipe")
+    model: str | None = _opt(None, f"network from the registry (default: {DEFAULT_MODEL})", kind="recipe")
     data_dir: str = _opt("data", "dataset root; the four IDX files go in DATA_DIR/MNIST/raw/ (FashionMNIST/raw/, "
                                  "KMNIST/raw/ for the others; downloaded if absent)", type=path_text, kind="logistics")
     run_dir: str | None = _opt(None, "where checkpoints, TensorBoard events and metrics go (default: runs/TASK)",
@@ -62,24 +72,24 @@ class TrainConfig:
     global_batch_size: int | None = _opt(None, "images per optimiser step over all ranks, the same at any world "
                                                "size (default: --batch-size x the world size at the run's start; "
                                                "then kept in the checkpoint)", type=POSITIVE_INT, kind="length")
-    optimizer: str = _opt("adam", "optimiser", choices=["sgd", "adam", "adamw"])
-    lr: float = _opt(1e-2, "learning rate (peak rate for onecycle)", type=POSITIVE)
-    momentum: float = _opt(0.9, "SGD momentum, in [0, 1)", type=FRACTION)
-    weight_decay: float = _opt(0.0, "weight decay", type=NON_NEGATIVE)
+    optimizer: str = _opt("adam", "optimiser", choices=["sgd", "adam", "adamw"], kind="recipe")
+    lr: float = _opt(1e-2, "learning rate (peak rate for onecycle)", type=POSITIVE, kind="recipe")
+    momentum: float = _opt(0.9, "SGD momentum, in [0, 1)", type=FRACTION, kind="recipe")
+    weight_decay: float = _opt(0.0, "weight decay", type=NON_NEGATIVE, kind="recipe")
     schedule: str = _opt("onecycle", "learning-rate schedule, stepped every batch",
-                         choices=["onecycle", "cosine", "step", "none"])
+                         choices=["onecycle", "cosine", "step", "none"], kind="recipe")
     augment: bool = _opt(False, "random rotation (10 deg), scale (10%%) and shift (10%%) of every training "
-                                "image, on the device", action=argparse.BooleanOptionalAction)
-    label_smoothing: float = _opt(0.1, "cross-entropy label smoothing, in [0, 1)", type=FRACTION)
+                                "image, on the device", action=argparse.BooleanOptionalAction, kind="recipe")
+    label_smoothing: float = _opt(0.1, "cross-entropy label smoothing, in [0, 1)", type=FRACTION, kind="recipe")
     seed: int = _opt(0, "seed for weights, shuffling, dropout and the validation split, in [0, 2^32)",
-                     type=number_in(int, 0, 2 ** 32, high_open=True))
+                     type=number_in(int, 0, 2 ** 32, high_open=True), kind="recipe")
     val_size: int = _opt(0, "training images held out for model selection between epochs (e.g. 5000 for a run of "
                             "several epochs; 0: train on every image, best.pt = last.pt)",
-                         type=NON_NEGATIVE_INT)
+                         type=NON_NEGATIVE_INT, kind="recipe")
     amp: str = _opt("auto", "autocast: auto = bf16 on CUDA if supported, else fp16; off on CPU",
-                    choices=["auto", "bf16", "fp16", "off"])
+                    choices=["auto", "bf16", "fp16", "off"], kind="recipe")
     channels_last: bool = _opt(True, "keep conv weights in channels-last layout (2-3x faster on CPU via oneDNN, "
-                                     "and on CUDA tensor cores)", action=argparse.BooleanOptionalAction)
+                                     "and on CUDA tensor cores)", action=argparse.BooleanOptionalAction, kind="runtime")
     device: str = _opt("auto", "auto: CUDA when available, else CPU (gloo)", choices=["auto", "cuda", "cpu"],
                        kind="runtime")
     compile: bool = _opt(False, "torch.compile the model for training (compile time is paid at the first steps; "
@@ -92,7 +102,7 @@ class TrainConfig:
     eval_batch_size: int = _opt(2000, "batch size for validation and test evaluation", type=POSITIVE_INT,
                                 kind="logistics")
     overfit_batches: int = _opt(0, "debug: train and evaluate on the first N batches only (loss should go to ~0)",
-                                type=NON_NEGATIVE_INT)
+                                type=NON_NEGATIVE_INT, kind="recipe")
     log_every: int = _opt(20, "log train loss and lr to TensorBoard every N steps", type=POSITIVE_INT,
                           kind="logistics")
     checkpoint_every_steps: int = _opt(0, "also save last.pt every N steps inside an epoch, so a killed worker "
@@ -104,13 +114,42 @@ class TrainConfig:
                                action=argparse.BooleanOptionalAction, kind="logistics")
 
     def __post_init__(self) -> None:
+        """The defaults that depend on other flags, then validate(): a config built in code is checked as one
+        from the command line is (dataclasses.replace included)."""
         if self.task is None:
-            folder = folder_path(self.dataset)
-            self.task = "digits" if self.dataset == "mnist" else folder.resolve().name if folder else self.dataset
+            self.task = "digits" if self.dataset == "mnist" else own_task(self.dataset)
         if self.model is None:
             self.model = DEFAULT_MODEL
         if self.run_dir is None:
             self.run_dir = str(Path("runs") / self.task)
+        self.validate()
+
+    def validate(self) -> None:
+        """Each flag's own check (the argparse type and choices it is declared with), then the checks across
+        flags. ConfigError names the flag; parse_args turns it into a usage error."""
+        for f in dataclasses.fields(self):
+            value, flag = getattr(self, f.name), "--" + f.name.replace("_", "-")
+            if value is None or f.name == "task":  # the task's choices are MNIST's, checked below
+                continue
+            if "choices" in f.metadata and value not in f.metadata["choices"]:
+                raise ConfigError(f"{flag} {value!r}: choose one of {', '.join(map(str, f.metadata['choices']))}")
+            check = f.metadata.get("type")
+            try:
+                if check is not None and not isinstance(value, bool):
+                    check(str(value))
+            except argparse.ArgumentTypeError as e:
+                raise ConfigError(f"{flag}: {e}") from None
+        if self.model not in MODELS:
+            raise ConfigError(f"unknown --model {self.model!r}: choose one of {', '.join(MODELS)}")
+        if self.dataset == "mnist" and self.task not in TASKS:
+            raise ConfigError(f"--task {self.task!r}: choose one of {', '.join(TASKS)}")
+        if self.dataset != "mnist" and self.task != own_task(self.dataset):
+            raise ConfigError(f"--task {self.task} is MNIST's; leave --task out to learn {self.dataset}'s own "
+                              f"classes")
+        for flag, value in (("--batch-size", self.batch_size), ("--global-batch-size", self.global_batch_size)):
+            if value == 1 and has_batchnorm(build_model(self.model, 2)):
+                raise ConfigError(f"{flag} 1: {self.model} has BatchNorm, which cannot train on one image at a "
+                                  f"time; use {flag} 2 or more, or a model without BatchNorm")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -160,13 +199,9 @@ def _arg_type(annotation: str) -> type:
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
     parser = build_parser()
     ns = parser.parse_args(argv)
-    if ns.model is not None and ns.model not in MODELS:
-        parser.error(f"unknown --model {ns.model!r}: choose one of {', '.join(MODELS)}")
-    if ns.task is not None and ns.dataset != "mnist":
+    if ns.task is not None and ns.dataset != "mnist":  # given, not derived: the dataclass cannot tell them apart
         parser.error(f"--task {ns.task} is MNIST's; leave --task out to learn {ns.dataset}'s own classes")
-    cfg = TrainConfig(**vars(ns))
-    for flag, value in (("--batch-size", cfg.batch_size), ("--global-batch-size", cfg.global_batch_size)):
-        if value == 1 and has_batchnorm(build_model(cfg.model, 2)):
-            parser.error(f"{flag} 1: {cfg.model} has BatchNorm, which cannot train on one image at a time; "
-                         f"use {flag} 2 or more, or a model without BatchNorm")
-    return cfg
+    try:
+        return TrainConfig(**vars(ns))
+    except ConfigError as e:
+        parser.error(str(e))

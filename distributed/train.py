@@ -23,7 +23,7 @@ from serve_cli.base.cli import STOP_SIGNALS, Stopped, first_line
 from . import checkpoint, dist
 from .build import Parts, build_parts
 from .checkpoint import CheckpointError
-from .config import TrainConfig, parse_args
+from .config import ConfigError, TrainConfig, parse_args
 from .data import Split
 from .datasets import DataError
 from .engine import EvalResult, evaluate, synchronize, train_step
@@ -36,7 +36,7 @@ STOP_CHECK_EVERY = 10  # steps between the ranks' agreement on a stop signal and
 FAIL_GRACE_SECONDS = 1.0  # how long the other ranks wait for rank 0 to report an error they all hit
 
 
-USER_ERRORS = (DataError, CheckpointError, RunDirError, Diverged, dist.LaunchError)
+USER_ERRORS = (DataError, CheckpointError, RunDirError, Diverged, ConfigError, dist.LaunchError)
 
 
 @dataclass
