@@ -47,7 +47,7 @@ def main() -> int:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from distributed import dist
+    from distributed import comms
     from distributed.config import parse_args
     from distributed.timing import Phases
     from distributed.train import StopRequest, Trainer
@@ -59,7 +59,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as run_dir:
         # many epochs: the schedule must not end before the profiled steps do (the trainer's flags come after)
         cfg = parse_args(["--epochs", "1000", *trainer_flags, "--run-dir", run_dir, "--no-resume"])
-        env = dist.setup(cfg.device)
+        env = comms.setup(cfg.device)
         trainer = Trainer.build(cfg, env, StopRequest(), Phases())
         try:
             order = trainer.plan.order(0, env.device)
@@ -92,12 +92,12 @@ def main() -> int:
                           f"{outside / 1e3 / wall:.0%} |")
             largest = sorted(by_operator.items(), key=lambda kv: -kv[1])[:8]
             report.append("largest operators: " + ", ".join(f"{name} {ms / args.steps:.2f} ms" for name, ms in largest))
-            gathered = dist.all_gather_objects("\n".join(report), env)
+            gathered = comms.all_gather_objects("\n".join(report), env)
             if env.is_main:
                 print("\n\n".join(gathered))
         finally:
             trainer.close()
-            dist.teardown(peers_in_step=True)
+            comms.teardown(peers_in_step=True)
     return 0
 
 

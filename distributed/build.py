@@ -18,13 +18,13 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from . import checkpoint, dist
+from . import checkpoint, comms
 from .checkpoint import CheckpointError, RunState
 from .config import TrainConfig
 from .data import Split, Task, data_changes, fingerprint, load_data, task_of
 from .datasets import DataError
 from .engine import amp_dtype, make_scaler
-from .files import CHECKPOINT_DIR, lock_run_dir
+from .run_dir import CHECKPOINT_DIR, lock_run_dir
 from .models import build_model, has_batchnorm, to_device
 from .optim import build_optimizer, build_scheduler
 from .report import Reporter
@@ -57,7 +57,7 @@ class Parts:
     closing: ExitStack = field(default_factory=ExitStack)  # the lock and the writer, released by Trainer.close
 
 
-def build_parts(cfg: TrainConfig, env: dist.DistEnv, phases: Phases) -> Parts:
+def build_parts(cfg: TrainConfig, env: comms.DistEnv, phases: Phases) -> Parts:
     closing = ExitStack()
     try:
         return _build(cfg, env, phases, closing)
@@ -66,7 +66,7 @@ def build_parts(cfg: TrainConfig, env: dist.DistEnv, phases: Phases) -> Parts:
         raise
 
 
-def _build(cfg: TrainConfig, env: dist.DistEnv, phases: Phases, closing: ExitStack) -> Parts:
+def _build(cfg: TrainConfig, env: comms.DistEnv, phases: Phases, closing: ExitStack) -> Parts:
     run_dir = Path(cfg.run_dir)
     last = run_dir / CHECKPOINT_DIR / "last.pt"
     task = task_of(cfg.dataset, cfg.task)  # a folder's classes are its sub-folders: may raise DataError
@@ -124,7 +124,7 @@ def _build(cfg: TrainConfig, env: dist.DistEnv, phases: Phases, closing: ExitSta
     if restored:
         report.resumed_shape(restored.changed, restored.epoch_restarted, state["world_size"], plan.global_batch)
     resumed_at = None if state is None else (
-        f"epoch {run.epoch}" + (f" + {run.batch_in_epoch} steps" if run.batch_in_epoch else "")
+        f"epoch {run.epoch}" + (f" + {run.step_in_epoch} steps" if run.step_in_epoch else "")
         + f", step {run.step}")
     with phases("checkpoints/logging"):
         report.started(resumed_at, model, test.batch(torch.arange(min(2, len(test)), device=env.device))[0])

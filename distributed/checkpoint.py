@@ -15,7 +15,7 @@ Schema (version 3), a plain dict of tensors and plain values:
               --dataset: MNIST's 0.1307 / 0.3081)
   world_size  how many ranks wrote it (the steps do not depend on it: config's global_batch_size fixes them)
   rng         one {cpu[, cuda]} RNG state per rank
-  run         RunState as a dict: epoch (completed), step, batch_in_epoch, the work done so far, history
+  run         RunState as a dict: epoch (completed), step, step_in_epoch, the work done so far, history
   metrics     the last completed epoch's record
   amp         the autocast dtype the run trained and evaluated in ("off", "bfloat16", "float16")
   data        what the run trained and was scored on (`data.fingerprint`): digest of every split, digest of the
@@ -63,7 +63,7 @@ class RunState:
     """What survives a restart besides the weights and optimiser: kept in every checkpoint."""
     epoch: int = 0  # epochs completed
     step: int = 0  # optimiser steps completed
-    batch_in_epoch: int = 0  # steps of epoch `epoch` already done (mid-epoch checkpoints)
+    step_in_epoch: int = 0  # steps of epoch `epoch` already done (mid-epoch checkpoints)
     steps_per_epoch: int = 0  # of the plan the run stepped its schedule with (0: not recorded, before it was)
     train_seconds: float = 0.0  # every training step ever taken, interrupted attempts included
     train_images: int = 0
@@ -124,12 +124,12 @@ def restore(state: dict[str, Any], path: Path, *, model: nn.Module, optimizer: O
         raise CheckpointError(f"{path} does not fit this run ({first_line(e, 160)}): use another --run-dir "
                               f"or --no-resume") from None
     metrics = dict(state["metrics"] or {})
-    restarted = run.batch_in_epoch > 0 and other_steps
+    restarted = run.step_in_epoch > 0 and other_steps
     if restarted:
-        run.batch_in_epoch, run.epoch_loss_sum, run.epoch_seconds = 0, 0.0, 0.0
+        run.step_in_epoch, run.epoch_loss_sum, run.epoch_seconds = 0, 0.0, 0.0
     run.steps_per_epoch = steps_each_epoch
     if changed and scheduler is not None:
-        done = run.epoch * steps_each_epoch + run.batch_in_epoch
+        done = run.epoch * steps_each_epoch + run.step_in_epoch
         refit(scheduler, optimizer, min(done, cfg.epochs * steps_each_epoch))
     return Restored(run, metrics, changed, restarted)
 
@@ -195,6 +195,8 @@ def migrate(state: dict[str, Any]) -> dict[str, Any]:
     for key in ("amp", "data", "metrics", "classes", "scheduler"):
         state.setdefault(key, None)
     state["config"].setdefault("dataset", "mnist")
+    if "batch_in_epoch" in state["run"]:  # its name until it was seen to count optimiser steps, not batches
+        state["run"]["step_in_epoch"] = state["run"].pop("batch_in_epoch")
     # before --global-batch-size, the global batch was the per-rank batch times the world size
     state["config"].setdefault("global_batch_size", state["config"].get("batch_size", 64) * state.get("world_size", 1))
     return state
@@ -221,7 +223,7 @@ def summary(state: dict[str, Any]) -> dict[str, Any]:
             "epoch": state["run"].get("epoch"), "metrics": state["metrics"] or {},
             "data_dir": config.get("data_dir"), "amp": state["amp"],
             # the metrics were scored on these weights (a mid-epoch save keeps the last epoch's record)
-            "scored": not state["run"].get("batch_in_epoch"),
+            "scored": not state["run"].get("step_in_epoch"),
             "test_digest": (state["data"] or {}).get("test_digest"),
             # how the weights were made: every flag but paths and logging, and the world size that wrote them
             "training": {**hparams_of(config), "world_size": state.get("world_size")}}

@@ -15,7 +15,7 @@ import torch
 
 from .datasets import DATASETS, DataError, folder_path, read_dataset
 from .digest import digest
-from .dist import DistEnv, all_ok
+from .comms import DistEnv, all_ok
 
 if TYPE_CHECKING:
     from .config import TrainConfig
@@ -27,14 +27,16 @@ MEAN, STD = 0.1307, 0.3081  # MNIST's (what normalization_of computes for it); t
 class Task:
     name: str
     classes: tuple[str, ...]
-    label_of_digit: tuple[int, ...]  # digit d belongs to class label_of_digit[d]
+    # the dataset's own label s (an MNIST digit, a Fashion-MNIST article, a folder's class) is class label_of[s]
+    label_of: tuple[int, ...]
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
 
-    def map_labels(self, digits: torch.Tensor) -> torch.Tensor:
-        return torch.tensor(self.label_of_digit, device=digits.device)[digits]
+    def map_labels(self, source_labels: torch.Tensor) -> torch.Tensor:
+        """The dataset's labels as this task's classes (binary: digits 0-4 -> 0, 5-9 -> 1)."""
+        return torch.tensor(self.label_of, device=source_labels.device)[source_labels]
 
 
 TASKS = {

@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .data import Split
-from .dist import DistEnv, all_gather_objects, all_reduce_sum
+from .comms import DistEnv, all_gather_objects, all_reduce_sum
 
 
 def amp_dtype(flag: str, device: torch.device) -> torch.dtype | None:

@@ -26,6 +26,7 @@ import os
 import signal
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -119,8 +120,17 @@ def class_dirs(root: Path, classes: tuple[str, ...]) -> list[tuple[Path, int, bo
             for sub, test in parts for label, name in enumerate(classes)]
 
 
-def listing(root: Path, classes: tuple[str, ...]) -> list[tuple[str, int, bool, int, int]]:
-    """(relative path, label, is test, size, mtime_ns) of every image file, sorted.
+class ListedFile(NamedTuple):
+    """One image file of a folder dataset (size and mtime_ns -1 when they cannot be read)."""
+    path: str  # relative to the dataset's root
+    label: int
+    test: bool
+    size: int
+    mtime_ns: int
+
+
+def listing(root: Path, classes: tuple[str, ...]) -> list[ListedFile]:
+    """Every image file, sorted.
 
     Every entry with an image suffix that is not a folder is listed, links to nothing, link loops and pipes
     included (size and mtime -1 when they cannot be read): decoding skips them, and says why, by name."""
@@ -135,7 +145,7 @@ def listing(root: Path, classes: tuple[str, ...]) -> list[tuple[str, int, bool, 
                 size, mtime = info.st_size, info.st_mtime_ns
             except OSError:
                 size = mtime = -1
-            files.append((relative, label, is_test(relative) if test is None else test, size, mtime))
+            files.append(ListedFile(relative, label, is_test(relative) if test is None else test, size, mtime))
     return files
 
 
@@ -145,9 +155,9 @@ def nested_folders(root: Path, classes: tuple[str, ...]) -> list[str]:
                   for e in os.scandir(folder) if _is_dir(e) and not e.name.startswith("."))
 
 
-def check_classes(root: Path, classes: tuple[str, ...], files: list[tuple[str, int, bool, int, int]]) -> None:
+def check_classes(root: Path, classes: tuple[str, ...], files: list[ListedFile]) -> None:
     """Every class folder must hold images: a class without them could never be predicted."""
-    listed = {label for _, label, _, _, _ in files}
+    listed = {f.label for f in files}
     empty = [name for label, name in enumerate(classes) if label not in listed]
     if empty:
         raise FolderError(f"folder:{root}: class folder(s) {', '.join(empty[:5])} hold no image files: add images "
@@ -163,7 +173,7 @@ def load_folder(root: Path) -> FolderData:
     return dataclasses.replace(decoded(root, classes, files), nested=tuple(nested_folders(root, classes)))
 
 
-def decoded(root: Path, classes: tuple[str, ...], files: list[tuple[str, int, bool, int, int]]) -> FolderData:
+def decoded(root: Path, classes: tuple[str, ...], files: list[ListedFile]) -> FolderData:
     # One digest of every file's path, label, split, size and mtime: loading a cache of 70,000 files stays fast.
     key = hashlib.sha256(json.dumps(files).encode()).hexdigest()
     cache = root / CACHE_NAME
@@ -175,13 +185,13 @@ def decoded(root: Path, classes: tuple[str, ...], files: list[tuple[str, int, bo
         except (ValueError, KeyError, TypeError):  # damaged inside: decode again, and repair it below
             pass
     images, labels, tests, skipped = [], [], [], []
-    for (relative, label, test, _, _), result in zip(files, decode_all([root / f[0] for f in files])):
+    for f, result in zip(files, decode_all([root / f.path for f in files])):
         if isinstance(result, str):
-            skipped.append((relative, result))
+            skipped.append((f.path, result))
             continue
         images.append(result)
-        labels.append(label)
-        tests.append(test)
+        labels.append(f.label)
+        tests.append(f.test)
     if not images:
         raise FolderError(f"folder:{root}: none of its {len(files)} image files could be read "
                           f"(first: {skipped[0][0]}: {skipped[0][1]})")

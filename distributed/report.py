@@ -16,7 +16,7 @@ from serve_cli.base.files import write_json
 from .checkpoint import RunState
 from .config import TrainConfig, hparams_of
 from .data import Split, Task
-from .dist import DistEnv
+from .comms import DistEnv
 from .engine import EvalResult
 from .tb import confusion_image, note_image, open_logger, tag_name, tile_grid
 from .timing import phase_line

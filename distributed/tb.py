@@ -16,7 +16,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from serve_cli.base.files import atomic_write
 
-from .dist import DistEnv
+from .comms import DistEnv
 
 RIGHT, WRONG = (0, 130, 0), (210, 0, 0)
 

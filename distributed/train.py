@@ -20,14 +20,14 @@ import torch
 
 from serve_cli.base.cli import STOP_SIGNALS, Stopped, first_line
 
-from . import checkpoint, dist
+from . import checkpoint, comms
 from .build import Parts, build_parts
 from .checkpoint import CheckpointError
 from .config import ConfigError, TrainConfig, parse_args
 from .data import Split
 from .datasets import DataError
 from .engine import EvalResult, evaluate, synchronize, train_step
-from .files import CHECKPOINT_DIR, RunDirError
+from .run_dir import CHECKPOINT_DIR, RunDirError
 from .report import done_line, final_metrics
 from .stopping import Diverged, Preempted, StopRequest
 from .timing import Phases
@@ -36,7 +36,7 @@ STOP_CHECK_EVERY = 10  # steps between the ranks' agreement on a stop signal and
 FAIL_GRACE_SECONDS = 1.0  # how long the other ranks wait for rank 0 to report an error they all hit
 
 
-USER_ERRORS = (DataError, CheckpointError, RunDirError, Diverged, ConfigError, dist.LaunchError)
+USER_ERRORS = (DataError, CheckpointError, RunDirError, Diverged, ConfigError, comms.LaunchError)
 
 
 @dataclass
@@ -57,7 +57,7 @@ class Trainer:
     """The loop of one run over its parts (build.py): epochs of steps, agreement between ranks, evaluation,
     checkpoints and the final metrics."""
 
-    def __init__(self, env: dist.DistEnv, parts: Parts, stop: StopRequest, phases: Phases) -> None:
+    def __init__(self, env: comms.DistEnv, parts: Parts, stop: StopRequest, phases: Phases) -> None:
         self.cfg, self.env, self.stop, self.phases = parts.cfg, env, stop, phases
         self.ckpt_dir = Path(self.cfg.run_dir) / CHECKPOINT_DIR
         self.task, self.data, self.report, self.closing = parts.task, parts.data, parts.report, parts.closing
@@ -70,7 +70,7 @@ class Trainer:
         self.run, self.record = parts.run, parts.record
 
     @classmethod
-    def build(cls, cfg: TrainConfig, env: dist.DistEnv, stop: StopRequest, phases: Phases) -> Trainer:
+    def build(cls, cfg: TrainConfig, env: comms.DistEnv, stop: StopRequest, phases: Phases) -> Trainer:
         return cls(env, build_parts(cfg, env, phases), stop, phases)
 
     def close(self) -> None:
@@ -80,8 +80,8 @@ class Trainer:
         """Collective (buffers and RNG states of every rank), then rank 0 writes atomically; every rank learns
         whether it could (a full disk on rank 0 would otherwise leave the others waiting in a collective)."""
         with self.phases("checkpoints/logging"):
-            dist.sync_buffers(self.model, self.env)
-            rng = dist.all_gather_objects(checkpoint.rng_state(self.env.device), self.env)
+            comms.sync_buffers(self.model, self.env)
+            rng = comms.all_gather_objects(checkpoint.rng_state(self.env.device), self.env)
             error = None
             if self.env.is_main:
                 state = checkpoint.capture(
@@ -95,7 +95,7 @@ class Trainer:
                         checkpoint.save(self.ckpt_dir / "best.pt", state)
                 except CheckpointError as e:
                     error = e
-            if not dist.all_ok(error is None, self.env):
+            if not comms.all_ok(error is None, self.env):
                 raise error or CheckpointError(f"rank 0 could not write to {self.ckpt_dir} (see its error); "
                                                f"earlier checkpoints are kept")
 
@@ -112,7 +112,7 @@ class Trainer:
             test, val = self.score_all(test=self.cfg.test_every_epoch or self.run.epoch + 1 == self.cfg.epochs)
             self.end_epoch(test, val)
             # a signal during the evaluation: the epoch's checkpoint is saved, stop there
-            if stopping or dist.any_rank([self.stop.signal is not None], self.env)[0]:
+            if stopping or comms.any_rank([self.stop.signal is not None], self.env)[0]:
                 raise Preempted(self.preempted_message())
         if test is None:  # resumed a finished run: score the weights we have
             test, val = self.score_all()
@@ -122,17 +122,17 @@ class Trainer:
         """The rest of the current epoch; True when the ranks agreed to stop at its end."""
         run, cfg, plan = self.run, self.cfg, self.plan
         order = plan.order(run.epoch, self.env.device)
-        segment = Segment(run.batch_in_epoch)
+        segment = Segment(run.step_in_epoch)
         self.net.train()
         synchronize(self.env.device)
-        while run.batch_in_epoch < plan.steps:  # resuming mid-epoch starts at the next step, at any world size
-            loss, per_image = self.step(order, run.batch_in_epoch)
+        while run.step_in_epoch < plan.steps:  # resuming mid-epoch starts at the next step, at any world size
+            loss, per_image = self.step(order, run.step_in_epoch)
             segment.add(loss)
             run.step += 1
-            run.batch_in_epoch += 1
+            run.step_in_epoch += 1
             self.report.step(run.step, loss, per_image, self.optimizer.param_groups[0]["lr"], run.epoch,
-                             run.batch_in_epoch, plan.steps)
-            if run.batch_in_epoch == plan.steps:
+                             run.step_in_epoch, plan.steps)
+            if run.step_in_epoch == plan.steps:
                 break
             save = cfg.checkpoint_every_steps and run.step % cfg.checkpoint_every_steps == 0
             if save or run.step % STOP_CHECK_EVERY == 0:
@@ -140,7 +140,7 @@ class Trainer:
                 if save or stopping:
                     self.account(segment)
                     self.save_checkpoint()
-                    segment = Segment(run.batch_in_epoch)
+                    segment = Segment(run.step_in_epoch)
                 if stopping:
                     raise Preempted(self.preempted_message())
         stopping = self.agree(segment)
@@ -161,7 +161,7 @@ class Trainer:
     def agree(self, segment: Segment) -> bool:
         """One collective: whether any rank got a stop signal (stop together, or the others would wait forever
         in the next all-reduce), and whether any rank's loss stopped being finite (raises Diverged)."""
-        stop, diverged = dist.any_rank([self.stop.signal is not None, not segment.finite()], self.env)
+        stop, diverged = comms.any_rank([self.stop.signal is not None, not segment.finite()], self.env)
         if diverged:
             raise Diverged(f"the training loss became NaN or infinite in epoch {self.run.epoch + 1} before step "
                            f"{self.run.step}; no checkpoint was written since (those in {self.ckpt_dir} are from "
@@ -173,8 +173,8 @@ class Trainer:
         synchronize(self.env.device)
         seconds = time.perf_counter() - segment.start
         loss = segment.loss_sum if segment.loss_sum is not None else torch.zeros((), device=self.env.device)
-        loss_sum = dist.all_reduce_sum(loss.float().reshape(1).clone(), self.env).item() / self.env.world_size
-        images = self.plan.images_done(self.run.batch_in_epoch) - self.plan.images_done(segment.first_batch)
+        loss_sum = comms.all_reduce_sum(loss.float().reshape(1).clone(), self.env).item() / self.env.world_size
+        images = self.plan.images_done(self.run.step_in_epoch) - self.plan.images_done(segment.first_batch)
         run = self.run
         run.epoch_loss_sum += loss_sum
         run.epoch_seconds += seconds
@@ -182,7 +182,7 @@ class Trainer:
         run.train_images += images
 
     def preempted_message(self) -> str:
-        return (f"stopped by signal {self.stop.signal} at epoch {self.run.epoch + (self.run.batch_in_epoch > 0)}, "
+        return (f"stopped by signal {self.stop.signal} at epoch {self.run.epoch + (self.run.step_in_epoch > 0)}, "
                 f"step {self.run.step}; checkpoint saved in {self.ckpt_dir}: run the same command again to resume")
 
     def score(self, split: Split, shard: torch.Tensor, keep_probabilities: bool = False) -> EvalResult:
@@ -193,7 +193,7 @@ class Trainer:
         """(test, val); each None when not scored (val: --val-size 0). Every rank scores rank 0's BatchNorm
         statistics; all ranks pass the same `test`."""
         with self.phases("evaluation"):
-            dist.sync_buffers(self.model, self.env)
+            comms.sync_buffers(self.model, self.env)
             val = self.score(self.val, self.val_shard) if len(self.val) else None
             return (self.score(self.test, self.test_shard, keep_probabilities=True) if test else None), val
 
@@ -205,29 +205,29 @@ class Trainer:
             run.best_epoch = run.epoch
             run.best_val_accuracy = val.accuracy if val is not None else run.best_val_accuracy
         self.record = {"epoch": run.epoch, "step": run.step,
-                       "train_loss": run.epoch_loss_sum / max(run.batch_in_epoch, 1),
-                       "images_per_second": self.plan.images_done(run.batch_in_epoch) / max(run.epoch_seconds, 1e-9),
+                       "train_loss": run.epoch_loss_sum / max(run.step_in_epoch, 1),
+                       "images_per_second": self.plan.images_done(run.step_in_epoch) / max(run.epoch_seconds, 1e-9),
                        "epoch_seconds": run.epoch_seconds, "train_seconds": run.train_seconds}
         if test is not None:
             self.record.update(test_loss=test.loss, test_accuracy=test.accuracy)
         if val is not None:
             self.record.update(val_loss=val.loss, val_accuracy=val.accuracy)
         run.history.append(self.record)
-        run.batch_in_epoch, run.epoch_loss_sum, run.epoch_seconds = 0, 0.0, 0.0
+        run.step_in_epoch, run.epoch_loss_sum, run.epoch_seconds = 0, 0.0, 0.0
         self.save_checkpoint(best=is_best)
         with self.phases("checkpoints/logging"):
             self.report.epoch(self.record, test, self.test)
 
     def finish(self, test: EvalResult, val: EvalResult | None) -> dict[str, Any]:
         with self.phases("checkpoints/logging"):
-            fingerprints = dist.all_gather_objects(dist.weights_fingerprint(self.model), self.env)
+            fingerprints = comms.all_gather_objects(comms.weights_fingerprint(self.model), self.env)
             metrics = final_metrics(self.cfg, self.env, self.task, self.run, self.amp, test, val, fingerprints,
                                     self.phases.snapshot())
             self.report.finished(metrics, test, self.model, self.test)
             return metrics
 
 
-def run(cfg: TrainConfig, env: dist.DistEnv, stop: StopRequest | None = None,
+def run(cfg: TrainConfig, env: comms.DistEnv, stop: StopRequest | None = None,
         phases: Phases | None = None) -> dict[str, Any]:
     """Build the run's parts, train, release the run dir and the writer; the final metrics."""
     trainer = Trainer.build(cfg, env, stop or StopRequest(), phases or Phases())
@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     env = None
     together = False  # every rank left fit() the same way (finished, or agreed to stop): teardown may wait
     try:
-        env = dist.setup(cfg.device)
+        env = comms.setup(cfg.device)
         metrics = run(cfg, env, stop=stop, phases=phases)
         together = True
     except Preempted as e:
@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         where = f"{e.filename}: " if e.filename else ""
         return fail(f"error: {where}{e.strerror or e}; earlier checkpoints are kept", 1, env)
     except Exception as e:
-        reason = dist.peer_gone(e) if env is not None and env.is_distributed else None
+        reason = comms.peer_gone(e) if env is not None and env.is_distributed else None
         if reason:  # every surviving rank says so
             print(f"error: another rank stopped during a collective ({reason}); the checkpoints in "
                   f"{Path(cfg.run_dir) / CHECKPOINT_DIR} are intact: torchrun --max-restarts restarts the workers "
@@ -274,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         return fail(f"error: --compile failed ({first_line(e)}); run without --compile, or install what "
                     f"torch.compile needs (a C++ compiler for the CPU, Triton for CUDA)", 1, env)
     finally:
-        dist.teardown(peers_in_step=together)
+        comms.teardown(peers_in_step=together)
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     if env.is_main:
@@ -282,12 +282,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def fail(message: str, code: int, env: dist.DistEnv | None) -> int:
+def fail(message: str, code: int, env: comms.DistEnv | None) -> int:
     """One line on stderr, from rank 0 alone (every rank hits the same error, also before the process group).
 
     The other ranks leave a moment later: torchrun stops every worker as soon as one exits, and rank 0 must
     have said why by then."""
-    if (env.rank if env is not None else dist.env_int("RANK", 0)) == 0:
+    if (env.rank if env is not None else comms.env_int("RANK", 0)) == 0:
         print(message, file=sys.stderr, flush=True)
     else:
         with suppress(Stopped):  # torchrun's SIGTERM, once rank 0 has gone

@@ -22,7 +22,7 @@ import torch
 
 from distributed.checkpoint import CheckpointError
 from distributed.datasets import folder_path
-from distributed.files import CHECKPOINT_DIR
+from distributed.run_dir import CHECKPOINT_DIR
 from serve_cli.base.cli import NON_NEGATIVE, DefaultsHelpFormatter, Stopped, number_in, path_text, stop_signals_raise
 from serve_cli.base.files import write_json
 from serve_cli.base.manifest import (FORMAT_VERSION, INPUT_NAME, MANIFEST, OUTPUT_NAME, ManifestError, file_entry,

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # name: (file, original text, mutated text, pytest selection)
 MUTANTS: dict[str, tuple[str, str, str, str]] = {
-    "sync_buffers_off": ("distributed/dist.py", "    if env.is_distributed:\n        for buffer", "    if False:\n        for buffer",
+    "sync_buffers_off": ("distributed/comms.py", "    if env.is_distributed:\n        for buffer", "    if False:\n        for buffer",
                          "tests/test_torchrun.py -k record"),
     "eval_shard_unclamped": ("distributed/sampling.py", "torch.arange(min(rank, n), n", "torch.arange(rank, n",
                              "tests/test_torchrun.py -k three_ranks"),
@@ -32,8 +32,8 @@ MUTANTS: dict[str, tuple[str, str, str, str]] = {
     "shares_contiguous": ("distributed/sampling.py", "mine = block[self.rank::ranks] if",
                           "mine = block.tensor_split(max(ranks, 1))[self.rank] if",
                           "tests/test_sampling.py -k distributed_samplers"),
-    "epoch_restarts_on_every_resume": ("distributed/checkpoint.py", "restarted = run.batch_in_epoch > 0 and other_steps",
-                                       "restarted = run.batch_in_epoch > 0",
+    "epoch_restarts_on_every_resume": ("distributed/checkpoint.py", "restarted = run.step_in_epoch > 0 and other_steps",
+                                       "restarted = run.step_in_epoch > 0",
                                        "tests/test_global_batch.py -k sigterm"),
     "global_batch_from_the_new_world": ("distributed/build.py", 'return state["config"]["global_batch_size"]',
                                         "return cfg.batch_size * world_size", "tests/test_global_batch.py -k sigterm"),
@@ -66,12 +66,12 @@ MUTANTS: dict[str, tuple[str, str, str, str]] = {
     "output_may_be_input": ("serve_cli/output.py", "    if not target.exists():\n        return\n    real",
                             "    if True:\n        return\n    real", "tests/test_hostile.py -k output_that_is_an_input"),
     "fifo_opened": ("serve_cli/base/images.py", "    check_regular(path)\n", "", "tests/test_hostile.py -k odd_folder"),
-    "no_run_dir_lock": ("distributed/files.py", "            lock.acquire()\n", "", "tests/test_hostile.py -k second_trainer"),
+    "no_run_dir_lock": ("distributed/run_dir.py", "            lock.acquire()\n", "", "tests/test_hostile.py -k second_trainer"),
     "resume_any_flags": ("distributed/checkpoint.py", "    if conflicts:\n", "    if False:\n",
                          "tests/test_hostile.py -k another_experiment"),
     "idx_unchecked": ("distributed/datasets.py", "            check_idx(path, ndim)\n", "            pass\n",
                       "tests/test_hostile.py -k damaged"),
-    "loss_not_all_reduced": ("distributed/train.py", "dist.all_reduce_sum(loss.float().reshape(1).clone(), self.env).item() / self.env.world_size",
+    "loss_not_all_reduced": ("distributed/train.py", "comms.all_reduce_sum(loss.float().reshape(1).clone(), self.env).item() / self.env.world_size",
                              "loss.item()", "tests/test_hostile.py -k work_of_a_stopped"),
     "eval_not_all_reduced": ("distributed/engine.py", "    all_reduce_sum(confusion, env)\n", "",
                              "tests/test_torchrun.py -k two_rank_eval"),
@@ -102,7 +102,7 @@ MUTANTS: dict[str, tuple[str, str, str, str]] = {
                         "tests/test_reliability.py -k output"),
     "batchnorm_single_kept": ("distributed/sampling.py", "single_left_out = self.min_share > 1 and",
                               "single_left_out = False and", "tests/test_reliability.py -k never_trains_on_one"),
-    "stop_ignored_in_evaluation": ("distributed/train.py", "if stopping or dist.any_rank([self.stop.signal is not None], "
+    "stop_ignored_in_evaluation": ("distributed/train.py", "if stopping or comms.any_rank([self.stop.signal is not None], "
                                    "self.env)[0]:", "if stopping:", "tests/test_reliability.py -k last_evaluation"),
 }
 

@@ -195,19 +195,19 @@ def test_folder_split_is_stable_and_disjoint(tmp_path: Path) -> None:
     from distributed.folder import classes_of, listing
     root = write_folder(tmp_path / "f", n=300)
     files = listing(root, classes_of(root))
-    test = {f[0] for f in files if f[2]}
-    train = {f[0] for f in files if not f[2]}
+    test = {f.path for f in files if f.test}
+    train = {f.path for f in files if not f.test}
     assert not test & train and len(test) + len(train) == len(files)
     assert 0.1 < len(test) / len(files) < 0.25  # about a sixth
     Image.fromarray(np.zeros((28, 28), dtype=np.uint8)).save(root / "two" / "new.png")
-    after = {f[0] for f in listing(root, classes_of(root)) if f[2]}
+    after = {f.path for f in listing(root, classes_of(root)) if f.test}
     assert after - {"two/new.png"} == test  # adding a file moves no other file between splits
     # train/ and test/ sub-folders, when both exist, are the split
     split_root = tmp_path / "split"
     for part, n in (("train", 40), ("test", 20)):
         write_folder(split_root / part, n=n)
     files = listing(split_root, classes_of(split_root))
-    assert all(f[2] == f[0].startswith("test/") for f in files) and classes_of(split_root) == tuple(sorted(DIGIT_NAMES))
+    assert all(f.test == f.path.startswith("test/") for f in files) and classes_of(split_root) == tuple(sorted(DIGIT_NAMES))
 
 
 def test_trainer_and_serve_cli_see_the_same_pixels(tmp_path: Path) -> None:

@@ -5,25 +5,25 @@ from pathlib import Path
 import pytest
 import torch
 
-from distributed import checkpoint, dist
+from distributed import checkpoint, comms
 from serve_cli.base.files import atomic_write
 
 
 def test_more_ranks_than_gpus_is_a_clear_error(monkeypatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    with pytest.raises(dist.LaunchError, match="4 processes on this node but only 2 GPU.*--device cpu"):
-        dist.choose_device("auto", local_rank=3, local_world_size=4)
-    assert dist.choose_device("cpu", 3, 4) == (torch.device("cpu"), "")
-    assert dist.choose_device("auto", 1, 2) == (torch.device("cuda", 1), "")
+    with pytest.raises(comms.LaunchError, match="4 processes on this node but only 2 GPU.*--device cpu"):
+        comms.choose_device("auto", local_rank=3, local_world_size=4)
+    assert comms.choose_device("cpu", 3, 4) == (torch.device("cpu"), "")
+    assert comms.choose_device("auto", 1, 2) == (torch.device("cuda", 1), "")
 
 
 def test_cuda_asked_without_cuda(monkeypatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setenv("PATH", "/nonexistent")  # no nvidia-smi either
-    with pytest.raises(dist.LaunchError, match="--device cpu"):
-        dist.choose_device("cuda", 0, 1)
-    assert dist.choose_device("auto", 0, 1) == (torch.device("cpu"), "")
+    with pytest.raises(comms.LaunchError, match="--device cpu"):
+        comms.choose_device("cuda", 0, 1)
+    assert comms.choose_device("auto", 0, 1) == (torch.device("cpu"), "")
 
 
 def test_a_gpu_this_torch_cannot_use_is_named_with_the_fix(monkeypatch, tmp_path: Path) -> None:
@@ -33,11 +33,11 @@ def test_a_gpu_this_torch_cannot_use_is_named_with_the_fix(monkeypatch, tmp_path
     smi.chmod(0o755)
     monkeypatch.setenv("PATH", f"{tmp_path}:/usr/bin:/bin")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(dist.LaunchError) as e:
-        dist.choose_device("cuda", 0, 1)
+    with pytest.raises(comms.LaunchError) as e:
+        comms.choose_device("cuda", 0, 1)
     assert "nvidia-smi sees 1 GPU(s) (NVIDIA H200, 550.54.15)" in str(e.value)
     assert "--index-url https://download.pytorch.org/whl/cu126" in str(e.value)
-    device, warning = dist.choose_device("auto", 0, 1)
+    device, warning = comms.choose_device("auto", 0, 1)
     assert device == torch.device("cpu") and warning.startswith("warning: nvidia-smi sees 1 GPU(s)")
     assert warning.endswith("training on the CPU")
 
@@ -54,16 +54,16 @@ def test_bf16_auto_needs_the_hardwares_own_bf16(monkeypatch) -> None:
 
 def test_cpu_threads_are_split_between_local_ranks(monkeypatch) -> None:
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)))
-    assert [dist.cpu_threads_per_rank(n) for n in (1, 2, 4, 32)] == [16, 8, 4, 1]
+    assert [comms.cpu_threads_per_rank(n) for n in (1, 2, 4, 32)] == [16, 8, 4, 1]
 
 
 def test_fingerprint_sees_any_change() -> None:
     model = torch.nn.Linear(3, 2)
-    before = dist.weights_fingerprint(model)
-    assert before == dist.weights_fingerprint(model)
+    before = comms.weights_fingerprint(model)
+    assert before == comms.weights_fingerprint(model)
     with torch.no_grad():
         model.bias[0] += 1e-7
-    assert before != dist.weights_fingerprint(model)
+    assert before != comms.weights_fingerprint(model)
 
 
 def test_atomic_save_and_load(tmp_path: Path) -> None:

@@ -63,13 +63,13 @@ COUNT_ALLREDUCES = """
 import json, sys
 import torch
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
-from distributed import dist
+from distributed import comms
 from distributed.config import parse_args
 from distributed.timing import Phases
 from distributed.train import StopRequest, Trainer
 
 cfg = parse_args(sys.argv[2:])
-env = dist.setup("cpu")
+env = comms.setup("cpu")
 trainer = Trainer.build(cfg, env, StopRequest(), Phases())
 buckets, forwards = [], []
 
@@ -84,7 +84,7 @@ trainer.close()
 if env.is_main:
     with open(sys.argv[1], "w") as f:
         json.dump({"buckets": buckets, "forwards": len(forwards), "steps": trainer.run.step}, f)
-dist.teardown(peers_in_step=True)
+comms.teardown(peers_in_step=True)
 """
 
 
@@ -153,7 +153,7 @@ def test_sigterm_mid_epoch_resumes_at_one_and_at_three_ranks(tmp_path: Path) -> 
     _, err = proc.communicate(timeout=120)
     assert "stopped by signal 15" in err, err[-3000:]
     at_stop = checkpoint.load(stopped / "checkpoints" / "last.pt")["run"]
-    assert at_stop["epoch"] == 0 and 0 < at_stop["batch_in_epoch"] < 94  # mid-epoch
+    assert at_stop["epoch"] == 0 and 0 < at_stop["step_in_epoch"] < 94  # mid-epoch
 
     for nproc in (1, 3):
         resumed = tmp_path / f"resumed_at_{nproc}"
@@ -161,7 +161,7 @@ def test_sigterm_mid_epoch_resumes_at_one_and_at_three_ranks(tmp_path: Path) -> 
         out = torchrun_ok(nproc, *common, "--run-dir", str(resumed)).stdout
         assert f"resuming at world size {nproc} (checkpoint: 2): the same 32 images per step, from the same step" \
             in out
-        assert f"at epoch 0 + {at_stop['batch_in_epoch']} steps, step {at_stop['step']}" in out
+        assert f"at epoch 0 + {at_stop['step_in_epoch']} steps, step {at_stop['step']}" in out
         metrics = json.loads((resumed / "metrics.json").read_text())
         assert metrics["steps"] == expected["steps"] and metrics["train_images"] == expected["train_images"]
         assert [h["step"] for h in metrics["history"]] == [h["step"] for h in expected["history"]]

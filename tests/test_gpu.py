@@ -49,13 +49,13 @@ def test_one_gpu_torchrun_nccl(model: str, synthetic_data, tmp_path: Path) -> No
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 def test_amp_runs_and_resumes(amp: str, synthetic_data, tmp_path: Path) -> None:
-    from distributed import checkpoint, dist
+    from distributed import checkpoint, comms
     from distributed.config import parse_args
     from distributed.timing import Phases
     from distributed.train import Preempted, StopRequest, Trainer, run
 
     cfg = parse_args(train_args(synthetic_data, tmp_path, "--amp", amp))
-    env = dist.setup("cuda")
+    env = comms.setup("cuda")
     with preempted_after_epoch(1), pytest.raises(Preempted):
         run(cfg, env)
     saved = checkpoint.load(tmp_path / "checkpoints" / "last.pt")
@@ -73,14 +73,14 @@ def test_compile_compiles_and_checkpoints_plain_weights(synthetic_data, tmp_path
     """The compiled module trains (dynamo captured a graph), and the checkpoint holds the plain module's keys."""
     from torch._dynamo.eval_frame import OptimizedModule
     from torch._dynamo.utils import counters
-    from distributed import checkpoint, dist
+    from distributed import checkpoint, comms
     from distributed.config import parse_args
     from distributed.models import build_model
     from distributed.timing import Phases
     from distributed.train import StopRequest, Trainer
     counters.clear()
     cfg = parse_args(train_args(synthetic_data, tmp_path, "--compile", "--epochs", "1"))
-    trainer = Trainer.build(cfg, dist.setup("cuda"), StopRequest(), Phases())
+    trainer = Trainer.build(cfg, comms.setup("cuda"), StopRequest(), Phases())
     try:
         assert isinstance(trainer.net, OptimizedModule)
         m = trainer.fit()
@@ -95,13 +95,13 @@ def test_compile_compiles_and_checkpoints_plain_weights(synthetic_data, tmp_path
 def test_no_host_sync_between_two_agreement_checks(amp: str, synthetic_data, tmp_path: Path) -> None:
     """The steps between two stop/finite checks never wait for the GPU (fp16: fused optimisers take the
     scaler's inf check as a tensor)."""
-    from distributed import dist
+    from distributed import comms
     from distributed.config import parse_args
     from distributed.timing import Phases
     from distributed.train import STOP_CHECK_EVERY, StopRequest, Trainer
     cfg = parse_args(train_args(synthetic_data, tmp_path, "--amp", amp, "--epochs", "1", "--batch-size", "16",
                                 "--augment"))
-    trainer = Trainer.build(cfg, dist.setup("cuda"), StopRequest(), Phases())
+    trainer = Trainer.build(cfg, comms.setup("cuda"), StopRequest(), Phases())
     try:
         order = trainer.plan.order(0, trainer.env.device)
         total = trainer.step(order, 0)[0]  # the first step initialises cuBLAS/cuDNN and the optimiser state

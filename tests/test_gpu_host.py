@@ -16,13 +16,13 @@ from conftest import ROOT, torchrun
 pytestmark = pytest.mark.slow
 
 # A one-GPU host as the trainer's device choice sees it, in every Python process started with this on its path:
-# torch tells distributed.dist that one CUDA device is there (torch's own internals still see none).
+# torch tells distributed.comms that one CUDA device is there (torch's own internals still see none).
 FAKE_ONE_GPU = """\
 import sys
 import torch
 real_available, real_count = torch.cuda.is_available, torch.cuda.device_count
 def asked_by_us():
-    return sys._getframe(2).f_globals.get("__name__") == "distributed.dist"
+    return sys._getframe(2).f_globals.get("__name__") == "distributed.comms"
 torch.cuda.is_available = lambda: True if asked_by_us() else real_available()
 torch.cuda.device_count = lambda: 1 if asked_by_us() else real_count()
 """

@@ -278,7 +278,7 @@ def test_run_dir_that_is_a_file(synthetic_data, tmp_path: Path, capsys) -> None:
 
 def test_second_trainer_on_the_same_run_dir_is_refused(synthetic_data, tmp_path: Path, capsys) -> None:
     holder = subprocess.Popen([sys.executable, "-c",
-                               "import sys, time; from pathlib import Path; from distributed.files import RunDirLock; "
+                               "import sys, time; from pathlib import Path; from distributed.run_dir import RunDirLock; "
                                f"lock = RunDirLock(Path({str(tmp_path)!r})); lock.acquire(); print('locked', flush=True); "
                                "time.sleep(60)"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
@@ -357,12 +357,12 @@ def test_damaged_extracted_mnist_is_named(tmp_path: Path, capsys, damage: str, n
 
 
 def test_metrics_count_the_work_of_a_stopped_and_resumed_run(synthetic_data, tmp_path: Path) -> None:
-    from distributed import dist
+    from distributed import comms
     from distributed.config import parse_args
     from distributed.train import Preempted, StopRequest, run
     cfg = parse_args(train_args(synthetic_data, tmp_path, "--batch-size", "16"))
     with pytest.raises(Preempted):
-        run(cfg, dist.setup("cpu"), stop=StopRequest(signal=15))  # stops at step 10 of 36
+        run(cfg, comms.setup("cpu"), stop=StopRequest(signal=15))  # stops at step 10 of 36
     stopped = checkpoint.load(tmp_path / "checkpoints" / "last.pt")["run"]
     assert stopped["train_images"] == 10 * 16 and stopped["train_seconds"] > 0
     assert train(train_args(synthetic_data, tmp_path, "--batch-size", "16")) == 0

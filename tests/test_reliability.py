@@ -351,7 +351,7 @@ def test_a_signal_while_a_folder_is_decoded_is_one_line(tmp_path: Path, launcher
 
 def test_a_signal_during_the_last_evaluation_stops_with_the_epochs_checkpoint(synthetic_data: Path, tmp_path: Path,
                                                                              monkeypatch) -> None:
-    from distributed import checkpoint, dist
+    from distributed import checkpoint, comms
     from distributed.config import parse_args
     from distributed.train import Preempted, StopRequest, Trainer, run
     stop = StopRequest()
@@ -364,9 +364,9 @@ def test_a_signal_during_the_last_evaluation_stops_with_the_epochs_checkpoint(sy
     cfg = parse_args(["--data-dir", str(synthetic_data), "--run-dir", str(tmp_path), "--val-size", "64",
                       "--epochs", "1", "--model", "mlp", "--device", "cpu"])
     with pytest.raises(Preempted, match="stopped by signal 15 at epoch 1"):
-        run(cfg, dist.setup("cpu"), stop=stop)
+        run(cfg, comms.setup("cpu"), stop=stop)
     run = checkpoint.load(tmp_path / "checkpoints" / "last.pt")["run"]
-    assert run["epoch"] == 1 and run["batch_in_epoch"] == 0 and not (tmp_path / "metrics.json").exists()
+    assert run["epoch"] == 1 and run["step_in_epoch"] == 0 and not (tmp_path / "metrics.json").exists()
 
 
 def test_a_signal_during_the_parity_gate_leaves_nothing(ddp_run: Path, tmp_path: Path) -> None:
@@ -610,17 +610,17 @@ def test_batchnorm_needs_two_training_images(synthetic_data: Path, tmp_path: Pat
 
 def test_a_mid_epoch_export_does_not_claim_an_earlier_epochs_accuracy(synthetic_data: Path, tmp_path: Path) -> None:
     import json
-    from distributed import dist
+    from distributed import comms
     from distributed.config import parse_args
     from distributed.train import Preempted, StopRequest, run
     from export.__main__ import main as export
     cfg = parse_args(["--data-dir", str(synthetic_data), "--run-dir", str(tmp_path / "run"), "--val-size", "64",
                       "--epochs", "2", "--model", "mlp", "--batch-size", "16", "--device", "cpu"])
-    assert run(cfg, dist.setup("cpu"))["epochs"] == 2
+    assert run(cfg, comms.setup("cpu"))["epochs"] == 2
     cfg = parse_args(["--data-dir", str(synthetic_data), "--run-dir", str(tmp_path / "run"), "--val-size", "64",
                       "--epochs", "3", "--model", "mlp", "--batch-size", "16", "--device", "cpu"])
     with pytest.raises(Preempted):
-        run(cfg, dist.setup("cpu"), stop=StopRequest(signal=15))  # step 10 of epoch 3: last.pt is mid-epoch
+        run(cfg, comms.setup("cpu"), stop=StopRequest(signal=15))  # step 10 of epoch 3: last.pt is mid-epoch
     assert export(["--checkpoint", str(tmp_path / "run" / "checkpoints" / "last.pt"), "--out-dir",
                    str(tmp_path / "out"), "--batch-sizes", "1,64"]) == 0
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())

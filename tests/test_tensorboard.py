@@ -96,7 +96,7 @@ def test_world_size_2_writes_each_tag_once(ddp_run, ddp_events) -> None:
 def test_the_test_split_is_scored_once_where_it_is_read(synthetic_data, tmp_path: Path, monkeypatch) -> None:
     """By default the test split is scored after the last epoch only (the final metrics and the dashboard read
     it there); validation every epoch; --test-every-epoch scores it after each."""
-    from distributed import dist
+    from distributed import comms
     from distributed.config import parse_args
     from distributed.train import Trainer, run
     scored = []
@@ -104,14 +104,14 @@ def test_the_test_split_is_scored_once_where_it_is_read(synthetic_data, tmp_path
     monkeypatch.setattr(Trainer, "score", lambda self, split, *a, **k: scored.append(split is self.test)
                         or score(self, split, *a, **k))
     flags = ["--data-dir", str(synthetic_data), "--val-size", "64", "--epochs", "3", "--model", "mlp", "--device", "cpu"]
-    metrics = run(parse_args([*flags, "--run-dir", str(tmp_path / "once")]), dist.setup("cpu"))
+    metrics = run(parse_args([*flags, "--run-dir", str(tmp_path / "once")]), comms.setup("cpu"))
     assert scored == [False, False, False, True]  # val, val, val and test
     assert [("test_accuracy" in h, "val_accuracy" in h) for h in metrics["history"]] == [(False, True)] * 2 + [(True, True)]
     acc = events(tmp_path / "once")
     assert [e.step for e in acc.Scalars("test/accuracy")] == [metrics["steps"]] and len(acc.Scalars("val/accuracy")) == 3
     assert len(acc.Images("test/mistakes")) == 1 and metrics["test_count"] == 200
     scored.clear()
-    metrics = run(parse_args([*flags, "--run-dir", str(tmp_path / "every"), "--test-every-epoch"]), dist.setup("cpu"))
+    metrics = run(parse_args([*flags, "--run-dir", str(tmp_path / "every"), "--test-every-epoch"]), comms.setup("cpu"))
     assert scored == [False, True] * 3 and all("test_accuracy" in h for h in metrics["history"])
 
 

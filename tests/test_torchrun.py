@@ -13,7 +13,7 @@ from distributed import checkpoint
 from distributed.config import SEED_RECIPE
 from distributed.data import TASKS, load_splits
 from distributed.sampling import eval_shard
-from distributed.dist import DistEnv
+from distributed.comms import DistEnv
 from distributed.engine import evaluate
 from distributed.models import build_model, to_device
 

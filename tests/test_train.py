@@ -9,7 +9,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import final_weights, preempted_after_epoch
-from distributed import checkpoint, dist
+from distributed import checkpoint, comms
 from distributed.config import SEED_RECIPE, parse_args
 from distributed.timing import PHASES
 from distributed.train import Preempted, main, run
@@ -80,7 +80,7 @@ def test_same_seed_same_weights(synthetic_data, run_dir: Path, tmp_path: Path) -
 
 def test_resume_matches_uninterrupted_run(synthetic_data, run_dir: Path, tmp_path: Path) -> None:
     cfg = parse_args(args(synthetic_data, tmp_path))
-    env = dist.setup("cpu")
+    env = comms.setup("cpu")
     with preempted_after_epoch(1), pytest.raises(Preempted, match="at epoch 1"):
         run(cfg, env)
     assert checkpoint.load(tmp_path / "checkpoints" / "last.pt")["run"]["epoch"] == 1
@@ -171,18 +171,21 @@ def test_stop_mid_epoch_then_resume_matches_uninterrupted(synthetic_data, tmp_pa
 
 
 def test_a_checkpoint_from_before_the_global_batch_resumes_mid_epoch_exactly(synthetic_data, tmp_path: Path) -> None:
-    """A mid-epoch last.pt without config.global_batch_size (nor run.steps_per_epoch), as the previous release
-    wrote it: migrated to --batch-size x its world size, it continues to an uninterrupted run's weights."""
+    """A mid-epoch last.pt without config.global_batch_size (nor run.steps_per_epoch), and with the position in
+    the epoch under its old name run.batch_in_epoch, as earlier releases wrote it: migrated (the global batch
+    to --batch-size x its world size), it continues to an uninterrupted run's weights."""
     from conftest import resave
     from distributed.train import StopRequest
     extra = ("--batch-size", "16", "--epochs", "1", "--model", "samnet", "--run-dir")
     assert main(args(synthetic_data, tmp_path / "a", *extra, str(tmp_path / "a"))) == 0
     cfg = parse_args(args(synthetic_data, tmp_path / "b", *extra, str(tmp_path / "b")))
     with pytest.raises(Preempted):
-        run(cfg, dist.setup("cpu"), stop=StopRequest(signal=15))
+        run(cfg, comms.setup("cpu"), stop=StopRequest(signal=15))
     last = tmp_path / "b" / "checkpoints" / "last.pt"
     state = checkpoint.load(last)
     del state["config"]["global_batch_size"], state["run"]["steps_per_epoch"]
+    state["run"]["batch_in_epoch"] = state["run"].pop("step_in_epoch")
+    assert state["run"]["batch_in_epoch"] > 0
     resave(last, state)
     assert main(args(synthetic_data, tmp_path / "b", *extra, str(tmp_path / "b"))) == 0
     a, b = final_weights(tmp_path / "a"), final_weights(tmp_path / "b")
@@ -198,9 +201,9 @@ def stop_mid_epoch_then_resume(data: Path, tmp_path: Path, device: str) -> None:
     assert main(args(data, tmp_path / "a", *extra, str(tmp_path / "a"))) == 0
     cfg = parse_args(args(data, tmp_path / "b", *extra, str(tmp_path / "b")))
     with pytest.raises(Preempted, match="stopped by signal 15 at epoch 1, step 10"):
-        run(cfg, dist.setup(device), stop=StopRequest(signal=15))
+        run(cfg, comms.setup(device), stop=StopRequest(signal=15))
     state = checkpoint.load(tmp_path / "b" / "checkpoints" / "last.pt")
-    assert (state["run"]["epoch"], state["run"]["step"], state["run"]["batch_in_epoch"]) == (0, 10, 10)
+    assert (state["run"]["epoch"], state["run"]["step"], state["run"]["step_in_epoch"]) == (0, 10, 10)
     assert main(args(data, tmp_path / "b", *extra, str(tmp_path / "b"))) == 0
     a, b = final_weights(tmp_path / "a"), final_weights(tmp_path / "b")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -215,7 +218,7 @@ def test_fp16_overflow_skips_the_step_backs_off_and_the_scale_survives_a_resume(
     from distributed.timing import Phases
     from distributed.train import StopRequest, Trainer
     cfg = parse_args(args(synthetic_data, tmp_path, "--amp", "fp16", "--model", "mlp", "--device", device))
-    env = dist.setup(device)
+    env = comms.setup(device)
     trainer = Trainer.build(cfg, env, StopRequest(), Phases())
     fresh = trainer.scaler.get_scale() if trainer.scaler.is_enabled() else None
     calls = []
@@ -247,14 +250,14 @@ def test_checkpoint_every_steps_saves_mid_epoch(synthetic_data, tmp_path: Path, 
 
     def recording_save(path: Path, state: dict) -> None:
         if path.name == "last.pt":
-            saved.append((state["run"]["step"], state["run"]["batch_in_epoch"]))
+            saved.append((state["run"]["step"], state["run"]["step_in_epoch"]))
         real_save(path, state)
 
     monkeypatch.setattr(checkpoint, "save", recording_save)
     cfg = parse_args(args(synthetic_data, tmp_path, "--batch-size", "16", "--checkpoint-every-steps", "7"))
     with preempted_after_epoch(1), pytest.raises(Preempted):
-        run(cfg, dist.setup("cpu"))
-    # mid-epoch saves every 7 steps (batch_in_epoch > 0), then the epoch-end save at step 36
+        run(cfg, comms.setup("cpu"))
+    # mid-epoch saves every 7 steps (step_in_epoch > 0), then the epoch-end save at step 36
     assert saved == [(7, 7), (14, 14), (21, 21), (28, 28), (35, 35), (36, 0)]
 
 
@@ -277,11 +280,11 @@ def test_resume_with_more_epochs_refits_the_schedule(synthetic_data, tmp_path: P
 def test_resume_with_fewer_epochs_than_done_mid_epoch_only_scores(synthetic_data, tmp_path: Path) -> None:
     from distributed.train import Preempted, StopRequest
     cfg = parse_args(args(synthetic_data, tmp_path, "--model", "mlp", "--batch-size", "16", "--epochs", "1"))
-    assert run(cfg, dist.setup("cpu"))["epochs"] == 1
+    assert run(cfg, comms.setup("cpu"))["epochs"] == 1
     cfg = parse_args(args(synthetic_data, tmp_path, "--model", "mlp", "--batch-size", "16", "--epochs", "3"))
     with pytest.raises(Preempted):
-        run(cfg, dist.setup("cpu"), stop=StopRequest(signal=15))  # mid-epoch 2
-    assert checkpoint.load(tmp_path / "checkpoints" / "last.pt")["run"]["batch_in_epoch"] > 0
+        run(cfg, comms.setup("cpu"), stop=StopRequest(signal=15))  # mid-epoch 2
+    assert checkpoint.load(tmp_path / "checkpoints" / "last.pt")["run"]["step_in_epoch"] > 0
     assert main(args(synthetic_data, tmp_path, "--model", "mlp", "--batch-size", "16", "--epochs", "1")) == 0
     assert json.loads((tmp_path / "metrics.json").read_text())["epochs"] == 1
 

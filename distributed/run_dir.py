@@ -10,7 +10,7 @@ from typing import TextIO
 
 from serve_cli.base.files import broken_link
 
-from .dist import DistEnv, all_ok
+from .comms import DistEnv, all_ok
 
 LOCK_NAME = ".lock"
 CHECKPOINT_DIR = "checkpoints"  # RUN_DIR/checkpoints/{last,best}.pt
