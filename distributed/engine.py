@@ -43,32 +43,42 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def train_step(net: nn.Module, optimizer: torch.optim.Optimizer,
-               scheduler: torch.optim.lr_scheduler.LRScheduler | None, scaler: torch.amp.GradScaler,
-               batches: Sequence[tuple[torch.Tensor, torch.Tensor]], weight: float, dtype: torch.dtype | None,
-               label_smoothing: float = 0.0, idle: int = 0, idle_input: torch.Tensor | None = None) -> torch.Tensor:
+@dataclass(frozen=True)
+class StepSetup:
+    """What every optimiser step runs with and no step changes."""
+    net: nn.Module  # the training forward: the model, compiled and/or wrapped in DDP
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None
+    scaler: torch.amp.GradScaler
+    dtype: torch.dtype | None  # autocast's; None: fp32
+    label_smoothing: float
+
+
+def train_step(setup: StepSetup, batches: Sequence[tuple[torch.Tensor, torch.Tensor]], weight: float, idle: int = 0,
+               idle_input: torch.Tensor | None = None) -> torch.Tensor:
     """One optimiser step over micro-batches (sampling.py): the gradient of the sum over `batches` of
     `weight` x their summed loss, all-reduced once, in the last backward (DDP's no_sync before it). `idle`
     zero-weight passes on `idle_input` come first, in eval mode (no BatchNorm statistics, no dropout): they
     keep every rank's forwards and backwards in step. Returns the weighted loss, on the device (no host sync)."""
+    net, optimizer, scaler = setup.net, setup.optimizer, setup.scaler
     passes: list[tuple[torch.Tensor, torch.Tensor | None]] = [(idle_input, None)] * idle + list(batches)
     optimizer.zero_grad(set_to_none=True)
     losses = []
     for i, (x, y) in enumerate(passes):
-        with no_sync(net, i < len(passes) - 1):
-            with autocast(x.device, dtype):
+        with no_sync(net, i < len(passes) - 1):  # DDP all-reduces in the last backward only
+            with autocast(x.device, setup.dtype):
                 if y is None:
                     net.eval()
                     loss = net(x).float().sum() * 0.0
                     net.train()
                 else:
-                    loss = F.cross_entropy(net(x), y, reduction="sum", label_smoothing=label_smoothing) * weight
+                    loss = F.cross_entropy(net(x), y, reduction="sum", label_smoothing=setup.label_smoothing) * weight
                     losses.append(loss.detach())
             scaler.scale(loss).backward()
     scaler.step(optimizer)
     scaler.update()
-    if scheduler is not None:
-        scheduler.step()
+    if setup.scheduler is not None:
+        setup.scheduler.step()
     if len(losses) == 1:
         return losses[0]
     return torch.stack(losses).sum() if losses else torch.zeros((), device=passes[0][0].device)

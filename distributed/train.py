@@ -26,7 +26,7 @@ from .checkpoint import CheckpointError
 from .config import ConfigError, TrainConfig, parse_args
 from .data import Split
 from .datasets import DataError
-from .engine import EvalResult, evaluate, synchronize, train_step
+from .engine import EvalResult, StepSetup, evaluate, synchronize, train_step
 from .run_dir import CHECKPOINT_DIR, RunDirError
 from .report import done_line, final_metrics
 from .stopping import Diverged, Preempted, StopRequest
@@ -58,37 +58,32 @@ class Trainer:
     checkpoints and the final metrics."""
 
     def __init__(self, env: comms.DistEnv, parts: Parts, stop: StopRequest, phases: Phases) -> None:
-        self.cfg, self.env, self.stop, self.phases = parts.cfg, env, stop, phases
+        self.env, self.parts, self.stop, self.phases, self.cfg = env, parts, stop, phases, parts.cfg
         self.ckpt_dir = Path(self.cfg.run_dir) / CHECKPOINT_DIR
-        self.task, self.data, self.report, self.closing = parts.task, parts.data, parts.report, parts.closing
-        self.train, self.val, self.test = parts.train, parts.val, parts.test
-        self.test_shard, self.val_shard = parts.test_shard, parts.val_shard
-        self.model, self.net, self.dtype = parts.model, parts.net, parts.dtype
-        self.amp = str(self.dtype or "off").replace("torch.", "")  # as the checkpoint and metrics name it
-        self.plan = parts.plan
-        self.optimizer, self.scheduler, self.scaler = parts.optimizer, parts.scheduler, parts.scaler
-        self.run, self.record = parts.run, parts.record
+        self.amp = str(parts.dtype or "off").replace("torch.", "")  # as the checkpoint and metrics name it
+        self.setup = StepSetup(parts.net, parts.optimizer, parts.scheduler, parts.scaler, parts.dtype,
+                               self.cfg.label_smoothing)
 
     @classmethod
     def build(cls, cfg: TrainConfig, env: comms.DistEnv, stop: StopRequest, phases: Phases) -> Trainer:
         return cls(env, build_parts(cfg, env, phases), stop, phases)
 
     def close(self) -> None:
-        self.closing.close()
+        self.parts.closing.close()
 
     def save_checkpoint(self, best: bool = False) -> None:
         """Collective (buffers and RNG states of every rank), then rank 0 writes atomically; every rank learns
         whether it could (a full disk on rank 0 would otherwise leave the others waiting in a collective)."""
         with self.phases("checkpoints/logging"):
-            comms.sync_buffers(self.model, self.env)
+            comms.sync_buffers(self.parts.model, self.env)
             rng = comms.all_gather_objects(checkpoint.rng_state(self.env.device), self.env)
             error = None
             if self.env.is_main:
+                p = self.parts
                 state = checkpoint.capture(
-                    model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler,
-                    cfg=self.cfg, classes=self.task.classes, world_size=self.env.world_size, rng=rng,
-                    normalization=(self.train.mean, self.train.std), run=self.run, metrics=self.record,
-                    amp=self.amp, data=self.data)
+                    model=p.model, optimizer=p.optimizer, scheduler=p.scheduler, scaler=p.scaler, cfg=self.cfg,
+                    classes=p.task.classes, world_size=self.env.world_size, rng=rng,
+                    normalization=(p.train.mean, p.train.std), run=p.run, metrics=p.record, amp=self.amp, data=p.data)
                 try:
                     checkpoint.save(self.ckpt_dir / "last.pt", state)
                     if best:
@@ -104,12 +99,12 @@ class Trainer:
         """Train to cfg.epochs; returns the final metrics. A stop signal raises Preempted once saved."""
         test = val = None
         self.stop.training = True
-        while self.run.epoch < self.cfg.epochs:
+        while self.parts.run.epoch < self.cfg.epochs:
             with self.phases("training"):
                 stopping = self.train_epoch()
             # the test split is read by the final metrics and the dashboard: scored after the last epoch (after
             # every epoch with --test-every-epoch, for the per-epoch curves)
-            test, val = self.score_all(test=self.cfg.test_every_epoch or self.run.epoch + 1 == self.cfg.epochs)
+            test, val = self.score_all(test=self.cfg.test_every_epoch or self.parts.run.epoch + 1 == self.cfg.epochs)
             self.end_epoch(test, val)
             # a signal during the evaluation: the epoch's checkpoint is saved, stop there
             if stopping or comms.any_rank([self.stop.signal is not None], self.env)[0]:
@@ -120,18 +115,18 @@ class Trainer:
 
     def train_epoch(self) -> bool:
         """The rest of the current epoch; True when the ranks agreed to stop at its end."""
-        run, cfg, plan = self.run, self.cfg, self.plan
+        run, cfg, plan = self.parts.run, self.cfg, self.parts.plan
         order = plan.order(run.epoch, self.env.device)
         segment = Segment(run.step_in_epoch)
-        self.net.train()
+        self.setup.net.train()
         synchronize(self.env.device)
         while run.step_in_epoch < plan.steps:  # resuming mid-epoch starts at the next step, at any world size
             loss, per_image = self.step(order, run.step_in_epoch)
             segment.add(loss)
             run.step += 1
             run.step_in_epoch += 1
-            self.report.step(run.step, loss, per_image, self.optimizer.param_groups[0]["lr"], run.epoch,
-                             run.step_in_epoch, plan.steps)
+            self.parts.report.step(run.step, loss, per_image, self.setup.optimizer.param_groups[0]["lr"], run.epoch,
+                                   run.step_in_epoch, plan.steps)
             if run.step_in_epoch == plan.steps:
                 break
             save = cfg.checkpoint_every_steps and run.step % cfg.checkpoint_every_steps == 0
@@ -150,11 +145,10 @@ class Trainer:
     def step(self, order: torch.Tensor, step: int) -> tuple[torch.Tensor, float]:
         """Optimiser step `step` of the epoch whose permutation is `order`: this rank's micro-batches. Returns
         the weighted loss (summed over ranks: the step's mean) and what turns it into this rank's mean."""
-        share = self.plan.share(order, step)
-        batches = [self.train.batch(index, self.cfg.augment) for index in share.micro_batches]
-        idle_input = self.train.batch(share.block[:1])[0] if share.idle else None
-        loss = train_step(self.net, self.optimizer, self.scheduler, self.scaler, batches, share.weight, self.dtype,
-                          self.cfg.label_smoothing, share.idle, idle_input)
+        train, share = self.parts.train, self.parts.plan.share(order, step)
+        batches = [train.batch(index, self.cfg.augment) for index in share.micro_batches]
+        idle_input = train.batch(share.block[:1])[0] if share.idle else None
+        loss = train_step(self.setup, batches, share.weight, share.idle, idle_input)
         images = sum(len(index) for index in share.micro_batches)
         return loss, 1 / (share.weight * images) if images else 1.0
 
@@ -163,8 +157,8 @@ class Trainer:
         in the next all-reduce), and whether any rank's loss stopped being finite (raises Diverged)."""
         stop, diverged = comms.any_rank([self.stop.signal is not None, not segment.finite()], self.env)
         if diverged:
-            raise Diverged(f"the training loss became NaN or infinite in epoch {self.run.epoch + 1} before step "
-                           f"{self.run.step}; no checkpoint was written since (those in {self.ckpt_dir} are from "
+            raise Diverged(f"the training loss became NaN or infinite in epoch {self.parts.run.epoch + 1} before step "
+                           f"{self.parts.run.step}; no checkpoint was written since (those in {self.ckpt_dir} are from "
                            f"before): lower --lr, or try --amp off or another --seed")
         return stop
 
@@ -174,56 +168,58 @@ class Trainer:
         seconds = time.perf_counter() - segment.start
         loss = segment.loss_sum if segment.loss_sum is not None else torch.zeros((), device=self.env.device)
         loss_sum = comms.all_reduce_sum(loss.float().reshape(1).clone(), self.env).item() / self.env.world_size
-        images = self.plan.images_done(self.run.step_in_epoch) - self.plan.images_done(segment.first_batch)
-        run = self.run
+        run, plan = self.parts.run, self.parts.plan
+        images = plan.images_done(run.step_in_epoch) - plan.images_done(segment.first_batch)
         run.epoch_loss_sum += loss_sum
         run.epoch_seconds += seconds
         run.train_seconds += seconds
         run.train_images += images
 
     def preempted_message(self) -> str:
-        return (f"stopped by signal {self.stop.signal} at epoch {self.run.epoch + (self.run.step_in_epoch > 0)}, "
-                f"step {self.run.step}; checkpoint saved in {self.ckpt_dir}: run the same command again to resume")
+        run = self.parts.run
+        return (f"stopped by signal {self.stop.signal} at epoch {run.epoch + (run.step_in_epoch > 0)}, step "
+                f"{run.step}; checkpoint saved in {self.ckpt_dir}: run the same command again to resume")
 
     def score(self, split: Split, shard: torch.Tensor, keep_probabilities: bool = False) -> EvalResult:
-        return evaluate(self.model, split, shard, self.cfg.eval_batch_size, self.task.num_classes,
-                        self.dtype, self.env, keep_probabilities)
+        return evaluate(self.parts.model, split, shard, self.cfg.eval_batch_size, self.parts.task.num_classes,
+                        self.parts.dtype, self.env, keep_probabilities)
 
     def score_all(self, test: bool = True) -> tuple[EvalResult | None, EvalResult | None]:
         """(test, val); each None when not scored (val: --val-size 0). Every rank scores rank 0's BatchNorm
         statistics; all ranks pass the same `test`."""
         with self.phases("evaluation"):
-            comms.sync_buffers(self.model, self.env)
-            val = self.score(self.val, self.val_shard) if len(self.val) else None
-            return (self.score(self.test, self.test_shard, keep_probabilities=True) if test else None), val
+            comms.sync_buffers(self.parts.model, self.env)
+            val = self.score(self.parts.val, self.parts.val_shard) if len(self.parts.val) else None
+            return (self.score(self.parts.test, self.parts.test_shard, keep_probabilities=True) if test else None), val
 
     def end_epoch(self, test: EvalResult | None, val: EvalResult | None) -> None:
-        run = self.run
+        run = self.parts.run
         run.epoch += 1
         is_best = val is None or val.accuracy > run.best_val_accuracy
         if is_best:
             run.best_epoch = run.epoch
             run.best_val_accuracy = val.accuracy if val is not None else run.best_val_accuracy
-        self.record = {"epoch": run.epoch, "step": run.step,
-                       "train_loss": run.epoch_loss_sum / max(run.step_in_epoch, 1),
-                       "images_per_second": self.plan.images_done(run.step_in_epoch) / max(run.epoch_seconds, 1e-9),
-                       "epoch_seconds": run.epoch_seconds, "train_seconds": run.train_seconds}
+        record = {"epoch": run.epoch, "step": run.step, "train_loss": run.epoch_loss_sum / max(run.step_in_epoch, 1),
+                  "images_per_second": self.parts.plan.images_done(run.step_in_epoch) / max(run.epoch_seconds, 1e-9),
+                  "epoch_seconds": run.epoch_seconds, "train_seconds": run.train_seconds}
         if test is not None:
-            self.record.update(test_loss=test.loss, test_accuracy=test.accuracy)
+            record.update(test_loss=test.loss, test_accuracy=test.accuracy)
         if val is not None:
-            self.record.update(val_loss=val.loss, val_accuracy=val.accuracy)
-        run.history.append(self.record)
+            record.update(val_loss=val.loss, val_accuracy=val.accuracy)
+        self.parts.record = record
+        run.history.append(record)
         run.step_in_epoch, run.epoch_loss_sum, run.epoch_seconds = 0, 0.0, 0.0
         self.save_checkpoint(best=is_best)
         with self.phases("checkpoints/logging"):
-            self.report.epoch(self.record, test, self.test)
+            self.parts.report.epoch(record, test, self.parts.test)
 
     def finish(self, test: EvalResult, val: EvalResult | None) -> dict[str, Any]:
         with self.phases("checkpoints/logging"):
-            fingerprints = comms.all_gather_objects(comms.weights_fingerprint(self.model), self.env)
-            metrics = final_metrics(self.cfg, self.env, self.task, self.run, self.amp, test, val, fingerprints,
+            p = self.parts
+            fingerprints = comms.all_gather_objects(comms.weights_fingerprint(p.model), self.env)
+            metrics = final_metrics(self.cfg, self.env, p.task, p.run, self.amp, test, val, fingerprints,
                                     self.phases.snapshot())
-            self.report.finished(metrics, test, self.model, self.test)
+            p.report.finished(metrics, test, p.model, p.test)
             return metrics
 
 

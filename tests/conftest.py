@@ -92,7 +92,7 @@ def preempted_after_epoch(epoch: int) -> Iterator[None]:
 
     def signalled(self, test, val) -> None:
         end_epoch(self, test, val)
-        if self.run.epoch == epoch:
+        if self.parts.run.epoch == epoch:
             self.stop.signal = signal.SIGTERM
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(Trainer, "end_epoch", signalled)

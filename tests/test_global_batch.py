@@ -74,16 +74,16 @@ trainer = Trainer.build(cfg, env, StopRequest(), Phases())
 buckets, forwards = [], []
 
 def counting(state, bucket):
-    buckets.append((trainer.run.step, bucket.index()))
+    buckets.append((trainer.parts.run.step, bucket.index()))
     return allreduce_hook(state, bucket)
 
-trainer.net.register_comm_hook(None, counting)
-trainer.model.register_forward_pre_hook(lambda m, a: forwards.append(1) if torch.is_grad_enabled() else None)
+trainer.parts.net.register_comm_hook(None, counting)
+trainer.parts.model.register_forward_pre_hook(lambda m, a: forwards.append(1) if torch.is_grad_enabled() else None)
 trainer.fit()
 trainer.close()
 if env.is_main:
     with open(sys.argv[1], "w") as f:
-        json.dump({"buckets": buckets, "forwards": len(forwards), "steps": trainer.run.step}, f)
+        json.dump({"buckets": buckets, "forwards": len(forwards), "steps": trainer.parts.run.step}, f)
 comms.teardown(peers_in_step=True)
 """
 

@@ -62,7 +62,7 @@ def test_amp_runs_and_resumes(amp: str, synthetic_data, tmp_path: Path) -> None:
     assert saved["amp"] == {"bf16": "bfloat16", "fp16": "float16"}[amp]
     trainer = Trainer.build(cfg, env, StopRequest(), Phases())  # what a restarted worker builds
     try:
-        assert trainer.scaler.is_enabled() == (amp == "fp16")  # bf16 needs no loss scaling
+        assert trainer.parts.scaler.is_enabled() == (amp == "fp16")  # bf16 needs no loss scaling
         m = trainer.fit()
     finally:
         trainer.close()
@@ -82,7 +82,7 @@ def test_compile_compiles_and_checkpoints_plain_weights(synthetic_data, tmp_path
     cfg = parse_args(train_args(synthetic_data, tmp_path, "--compile", "--epochs", "1"))
     trainer = Trainer.build(cfg, comms.setup("cuda"), StopRequest(), Phases())
     try:
-        assert isinstance(trainer.net, OptimizedModule)
+        assert isinstance(trainer.parts.net, OptimizedModule)
         m = trainer.fit()
     finally:
         trainer.close()
@@ -103,7 +103,7 @@ def test_no_host_sync_between_two_agreement_checks(amp: str, synthetic_data, tmp
                                 "--augment"))
     trainer = Trainer.build(cfg, comms.setup("cuda"), StopRequest(), Phases())
     try:
-        order = trainer.plan.order(0, trainer.env.device)
+        order = trainer.parts.plan.order(0, trainer.env.device)
         total = trainer.step(order, 0)[0]  # the first step initialises cuBLAS/cuDNN and the optimiser state
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")

@@ -101,7 +101,7 @@ def test_the_test_split_is_scored_once_where_it_is_read(synthetic_data, tmp_path
     from distributed.train import Trainer, run
     scored = []
     score = Trainer.score
-    monkeypatch.setattr(Trainer, "score", lambda self, split, *a, **k: scored.append(split is self.test)
+    monkeypatch.setattr(Trainer, "score", lambda self, split, *a, **k: scored.append(split is self.parts.test)
                         or score(self, split, *a, **k))
     flags = ["--data-dir", str(synthetic_data), "--val-size", "64", "--epochs", "3", "--model", "mlp", "--device", "cpu"]
     metrics = run(parse_args([*flags, "--run-dir", str(tmp_path / "once")]), comms.setup("cpu"))

@@ -220,25 +220,25 @@ def test_fp16_overflow_skips_the_step_backs_off_and_the_scale_survives_a_resume(
     cfg = parse_args(args(synthetic_data, tmp_path, "--amp", "fp16", "--model", "mlp", "--device", device))
     env = comms.setup(device)
     trainer = Trainer.build(cfg, env, StopRequest(), Phases())
-    fresh = trainer.scaler.get_scale() if trainer.scaler.is_enabled() else None
+    fresh = trainer.parts.scaler.get_scale() if trainer.parts.scaler.is_enabled() else None
     calls = []
 
     def poison(grad: torch.Tensor) -> torch.Tensor:
         calls.append(1)
         return grad * float("inf") if len(calls) == 3 else grad
     try:
-        next(trainer.model.parameters()).register_hook(poison)
+        next(trainer.parts.model.parameters()).register_hook(poison)
         with preempted_after_epoch(1), pytest.raises(Preempted):
             trainer.fit()
     finally:
         trainer.close()
-    assert trainer.scaler.is_enabled() and fresh == 65536.0
+    assert trainer.parts.scaler.is_enabled() and fresh == 65536.0
     saved = checkpoint.load(tmp_path / "checkpoints" / "last.pt")
     assert saved["run"]["step"] == 9 and saved["scaler"]["scale"] == fresh / 2
     assert {int(s["step"]) for s in saved["optimizer"]["state"].values()} == {8}
     resumed = Trainer.build(cfg, env, StopRequest(), Phases())
     try:
-        assert resumed.scaler.get_scale() == fresh / 2
+        assert resumed.parts.scaler.get_scale() == fresh / 2
         assert resumed.fit()["epochs"] == 2
     finally:
         resumed.close()
