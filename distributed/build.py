@@ -32,7 +32,7 @@ from .sampling import EpochPlan, eval_shard
 from .timing import Phases
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Parts:
     """Everything a Trainer runs with. `cfg` is the flags with the global batch resolved; `model` is the plain
     module (checkpoints, evaluation, export); `net` is what the training forward calls (compiled and/or DDP)."""
@@ -128,9 +128,11 @@ def _build(cfg: TrainConfig, env: comms.DistEnv, phases: Phases, closing: ExitSt
         + f", step {run.step}")
     with phases("checkpoints/logging"):
         report.started(resumed_at, model, test.batch(torch.arange(min(2, len(test)), device=env.device))[0])
-    return Parts(cfg, task, train, val, test, data, model, net, dtype, plan, optimizer, scheduler, scaler, report,
-                 eval_shard(len(test), env.rank, env.world_size, env.device),
-                 eval_shard(len(val), env.rank, env.world_size, env.device), run, record, closing)
+    return Parts(cfg=cfg, task=task, train=train, val=val, test=test, data=data, model=model, net=net, dtype=dtype,
+                 plan=plan, optimizer=optimizer, scheduler=scheduler, scaler=scaler, report=report,
+                 test_shard=eval_shard(len(test), env.rank, env.world_size, env.device),
+                 val_shard=eval_shard(len(val), env.rank, env.world_size, env.device), run=run, record=record,
+                 closing=closing)
 
 
 def global_batch(cfg: TrainConfig, state: dict[str, Any] | None, world_size: int) -> int:

@@ -7,11 +7,9 @@ RUN_DIR/checkpoints/last.pt and carries on from it. `main` maps every user error
 """
 from __future__ import annotations
 
-import os
 import signal
 import sys
 import time
-from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,11 +27,10 @@ from .datasets import DataError
 from .engine import EvalResult, StepSetup, evaluate, synchronize, train_step
 from .run_dir import CHECKPOINT_DIR, RunDirError
 from .report import done_line, final_metrics
-from .stopping import Diverged, Preempted, StopRequest
+from .stopping import Diverged, Preempted, StopRequest, exit_now, fail
 from .timing import Phases
 
 STOP_CHECK_EVERY = 10  # steps between the ranks' agreement on a stop signal and a finite loss (a collective)
-FAIL_GRACE_SECONDS = 1.0  # how long the other ranks wait for rank 0 to report an error they all hit
 
 
 USER_ERRORS = (DataError, CheckpointError, RunDirError, Diverged, ConfigError, comms.LaunchError)
@@ -276,29 +273,6 @@ def main(argv: list[str] | None = None) -> int:
     if env.is_main:
         print(done_line(metrics, env.world_size, cfg.run_dir), flush=True)
     return 0
-
-
-def fail(message: str, code: int, env: comms.DistEnv | None) -> int:
-    """One line on stderr, from rank 0 alone (every rank hits the same error, also before the process group).
-
-    The other ranks leave a moment later: torchrun stops every worker as soon as one exits, and rank 0 must
-    have said why by then."""
-    if (env.rank if env is not None else comms.env_int("RANK", 0)) == 0:
-        print(message, file=sys.stderr, flush=True)
-    else:
-        with suppress(Stopped):  # torchrun's SIGTERM, once rank 0 has gone
-            time.sleep(FAIL_GRACE_SECONDS)
-    return code
-
-
-def exit_now(code: int) -> None:
-    """Leave without the interpreter's teardown of torch's modules: 0.8-1.2 s here, after the run is over.
-
-    Everything a user relies on is already on disk (atomic writes, fsynced), the TensorBoard writer is
-    closed and the process group destroyed; only stdout/stderr need a flush."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
 
 
 if __name__ == "__main__":
