@@ -1,0 +1,56 @@
+"""A folder dataset's first decoding: every file through serve_cli's preprocessing, in a pool of processes
+that a stop signal ends cleanly."""
+from __future__ import annotations
+
+import gc
+import multiprocessing
+import os
+import signal
+from pathlib import Path
+
+import numpy as np
+
+from serve_cli.base.images import digits_or_reasons
+
+
+def decode_all(paths: list[Path], chunk: int = 500) -> list[np.ndarray | str]:
+    """Every file through serve_cli's preprocessing, in a pool of processes (one per core).
+
+    "spawn": a fork of a process that holds torch's thread pools can deadlock. A Ctrl-C reaches the whole
+    process group, and so does a closed terminal's SIGHUP: the workers ignore both (they are started with them
+    ignored, which survives exec, so not even their start-up prints a KeyboardInterrupt; a signal mask would
+    not: the spawn resets it) and the parent, stopping, terminates them (SIGTERM ends a worker silently)."""
+    workers = min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1,
+                  -(-len(paths) // chunk))
+    chunks = [paths[i:i + chunk] for i in range(0, len(paths), chunk)]
+    if workers <= 1:
+        return [r for c in chunks for r in digits_or_reasons(c)]
+    # For the milliseconds the workers take to start, a Ctrl-C is lost to the parent too; it can be pressed again.
+    previous = {signum: signal.signal(signum, signal.SIG_IGN) for signum in (signal.SIGINT, signal.SIGHUP)}
+    try:
+        pool = multiprocessing.get_context("spawn").Pool(workers, initializer=quiet_worker)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    try:
+        results = pool.map(digits_or_reasons, chunks)
+    except BaseException as e:
+        pool.terminate()
+        pool.join()
+        # The traceback's frames (inside Pool.map) and the pool's own cycles hold its semaphores: freed here, or
+        # a later os._exit leaves them to the resource tracker, which warns of "leaked semaphore objects".
+        error = e.with_traceback(None)
+        del e, pool
+        gc.collect()
+        raise error from None
+    pool.close()
+    pool.join()
+    return [r for part in results for r in part]
+
+
+def quiet_worker() -> None:
+    """A decoding worker: Ctrl-C and SIGHUP are the parent's to handle; SIGTERM (the parent's terminate) ends it
+    silently."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
