@@ -16,12 +16,18 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-# Real MNIST for the tests that need it: $MNIST_DIR (a --data-dir), else where CI keeps it beside the checkout.
-REAL_MNIST_RAW = Path(os.environ.get("MNIST_DIR") or ROOT.parent / "shared" / "data") / "MNIST" / "raw"
 MNIST_GZ = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
             "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
 
 
+def real_mnist_raw() -> Path | None:
+    """Where real MNIST's four .gz files are, for the tests that need it: $MNIST_DIR (a --data-dir), else the
+    README's --data-dir data, else where CI keeps it beside the checkout; None when none has all four."""
+    roots = [os.environ.get("MNIST_DIR"), ROOT / "data", ROOT.parent / "shared" / "data"]
+    for raw in (Path(root) / "MNIST" / "raw" for root in roots if root):
+        if all((raw / f).is_file() for f in MNIST_GZ):
+            return raw
+    return None
 def synthetic_digits(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Learnable stand-ins for digits: digit d is a bright bar pattern at a d-dependent place, jittered, noisy."""
     rng = np.random.default_rng(seed)
@@ -64,10 +70,13 @@ def synthetic_data(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def real_data(tmp_path_factory) -> Path:
     """A writable copy of the real MNIST gz files (torchvision extracts beside them); skips when absent."""
-    if not all((REAL_MNIST_RAW / f).is_file() for f in MNIST_GZ):
-        pytest.skip(f"real MNIST not found in {REAL_MNIST_RAW}")
+    raw = real_mnist_raw()
+    if raw is None:
+        pytest.skip("real MNIST's four .gz files not found in $MNIST_DIR, ./data or ../shared/data (MNIST/raw/)")
     root = tmp_path_factory.mktemp("mnist")
-    shutil.copytree(REAL_MNIST_RAW, root / "MNIST" / "raw")
+    (root / "MNIST" / "raw").mkdir(parents=True)
+    for name in MNIST_GZ:  # only the originals: torchvision md5-checks and extracts them
+        shutil.copy(raw / name, root / "MNIST" / "raw" / name)
     return root
 
 

@@ -21,3 +21,17 @@ def test_two_ranks_default_digits_recipe_reaches_99(real_data: Path, tmp_path: P
     assert metrics["test_count"] == 10000 and metrics["world_size"] == 2
     assert metrics["test_accuracy"] >= 0.99, metrics["test_accuracy"]
     assert metrics["epochs"] == 1 and metrics["global_batch_size"] == 128 and metrics["val_accuracy"] is None
+
+
+def test_real_mnist_is_looked_for_where_a_user_keeps_it(tmp_path: Path, monkeypatch) -> None:
+    """$MNIST_DIR first (then ./data, the README's --data-dir, then ../shared/data); a folder missing one of
+    the four files does not count."""
+    from conftest import MNIST_GZ, real_mnist_raw
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in MNIST_GZ[:3]:
+        (raw / name).write_bytes(b"")
+    monkeypatch.setenv("MNIST_DIR", str(tmp_path))
+    assert real_mnist_raw() != raw
+    (raw / MNIST_GZ[3]).write_bytes(b"")
+    assert real_mnist_raw() == raw
