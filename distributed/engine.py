@@ -1,4 +1,4 @@
-"""The pieces of training: one optimiser step and one exact, sharded evaluation, with autocast and scaling.
+"""One optimiser step (train_step over a StepSetup), with autocast, loss scaling and DDP's no_sync.
 
 The loop that strings steps into epochs, checkpoints and stops lives in the trainer (distributed/train.py).
 """
@@ -13,8 +13,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from .data import Split
-from .comms import DistEnv, all_gather_objects, all_reduce_sum
 
 
 def amp_dtype(flag: str, device: torch.device) -> torch.dtype | None:
@@ -87,47 +85,3 @@ def train_step(setup: StepSetup, batches: Sequence[tuple[torch.Tensor, torch.Ten
 def no_sync(net: nn.Module, skip: bool) -> AbstractContextManager:
     """DDP's no_sync when `skip`: this backward accumulates gradients without all-reducing them."""
     return net.no_sync() if skip and isinstance(net, DDP) else nullcontext()
-
-
-@dataclass(frozen=True)
-class EvalResult:
-    loss: float
-    accuracy: float
-    count: int
-    confusion: torch.Tensor  # [true, predicted] counts, on CPU
-    probabilities: torch.Tensor | None = None  # [N, classes] softmax of every image, in split order, on CPU
-
-
-@torch.inference_mode()
-def evaluate(model: nn.Module, split: Split, shard: torch.Tensor, batch_size: int, num_classes: int,
-             dtype: torch.dtype | None, env: DistEnv, keep_probabilities: bool = False) -> EvalResult:
-    """Each rank scores its disjoint shard; sums are all-reduced, so the result is exact at any world size.
-
-    keep_probabilities gathers every image's class probabilities onto every rank (for the error analysis
-    in TensorBoard); all ranks must pass the same value, as it adds a collective."""
-    was_training = model.training
-    model.eval()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=env.device)
-    confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=env.device)
-    parts = []
-    for index in shard.split(batch_size):
-        x, y = split.batch(index)
-        with autocast(env.device, dtype):
-            logits = model(x).float()
-        loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
-        confusion += torch.bincount(y * num_classes + logits.argmax(1), minlength=num_classes ** 2)
-        if keep_probabilities:
-            parts.append(logits.softmax(1).cpu())
-    model.train(was_training)
-    all_reduce_sum(loss_sum, env)
-    all_reduce_sum(confusion, env)
-    confusion = confusion.view(num_classes, num_classes).cpu()
-    count = int(confusion.sum())
-    correct = int(confusion.diagonal().sum())
-    probabilities = None
-    if keep_probabilities:
-        mine = torch.cat(parts) if parts else torch.zeros(0, num_classes)
-        probabilities = torch.zeros(len(split), num_classes)
-        for index, probs in all_gather_objects((shard.cpu(), mine), env):
-            probabilities[index] = probs
-    return EvalResult(loss_sum.item() / max(count, 1), correct / max(count, 1), count, confusion, probabilities)

@@ -17,8 +17,8 @@ from .checkpoint import RunState
 from .config import TrainConfig, hparams_of
 from .data import Split, Task
 from .comms import DistEnv
-from .engine import EvalResult
-from .tb import confusion_image, note_image, open_logger, tag_name, tile_grid
+from .evaluation import EvalResult, confident_mistakes, most_confused, penultimate_features, per_class
+from .tb import TensorBoardLogger, confusion_image, note_image, tag_name, tile_grid
 from .timing import phase_line
 
 GRID_IMAGES = 32  # the first test images, the same ones every epoch
@@ -37,7 +37,8 @@ class Reporter:
         self.active = env.is_main
         self.run_dir = Path(cfg.run_dir)
         # purge_step drops TensorBoard events a killed run wrote after its last checkpoint: steps never rewind.
-        self.logger = open_logger(env, self.run_dir, purge_step)
+        # Rank 0 alone writes: every method below returns at once elsewhere (the one rank-0 guard).
+        self.logger = TensorBoardLogger(self.run_dir, purge_step) if self.active else None
         self.progress = self.active and sys.stderr.isatty()
 
     def started(self, resumed_at: str | None, model: nn.Module, example: torch.Tensor) -> None:
@@ -165,51 +166,8 @@ class Reporter:
         logger.hparams(hparams | {"world_size": self.env.world_size, "device": self.env.device.type}, metric_tags)
 
     def close(self) -> None:
-        self.logger.close()
-
-
-def per_class(confusion: torch.Tensor) -> tuple[list[float], list[float]]:
-    """(recall, precision) per class from a [true, predicted] confusion matrix; 0.0 where a class is absent."""
-    m = confusion.to(torch.float64)
-    hits = m.diagonal()
-    return (hits / m.sum(1).clamp(min=1)).tolist(), (hits / m.sum(0).clamp(min=1)).tolist()
-
-
-def most_confused(confusion: torch.Tensor, limit: int) -> torch.Tensor:
-    """The indices, in class order, of at most `limit` classes: all of them, or those most often mistaken
-    for another or mistaken for."""
-    n = len(confusion)
-    if n <= limit:
-        return torch.arange(n)
-    errors = confusion.sum(0) + confusion.sum(1) - 2 * confusion.diagonal()
-    return torch.argsort(errors, descending=True, stable=True)[:limit].sort().values
-
-
-def confident_mistakes(probabilities: torch.Tensor, labels: torch.Tensor
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(index, predicted, confidence) of every misclassified image, the most confident mistake first."""
-    confidence, predicted = probabilities.max(1)
-    index = (predicted != labels).nonzero().flatten()
-    order = confidence[index].argsort(descending=True, stable=True)
-    index = index[order]
-    return index, predicted[index], confidence[index]
-
-
-@torch.inference_mode()
-def penultimate_features(model: nn.Module, split: Split, index: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """The input of the model's last linear layer (what it classifies), for any registry network, on CPU."""
-    last = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
-    captured: list[torch.Tensor] = []
-    hook = last.register_forward_hook(lambda module, inputs, output: captured.append(inputs[0].float().cpu()))
-    was_training = model.training
-    try:
-        model.eval()
-        for chunk in index.split(batch_size):
-            model(split.batch(chunk)[0])
-    finally:
-        hook.remove()
-        model.train(was_training)
-    return torch.cat(captured) if captured else torch.zeros(0, last.in_features)
+        if self.logger is not None:
+            self.logger.close()
 
 
 def epoch_line(record: dict[str, float], epochs: int) -> str:

@@ -1,7 +1,7 @@
 """TensorBoard for rank 0: scalars, image galleries, a confusion matrix, PR curves, the projector, hparams.
 
-Other ranks get a NullLogger, so the training loop never asks which rank it is on. What to show is
-decided in report.py; this module only knows how to draw and write it.
+Only rank 0 makes one (report.Reporter, which holds the run's one rank-0 guard). What to show is decided in
+report.py; this module only knows how to draw and write it.
 """
 from __future__ import annotations
 
@@ -16,25 +16,11 @@ from PIL import Image, ImageDraw, ImageFont
 
 from serve_cli.base.files import atomic_write
 
-from .comms import DistEnv
 
 RIGHT, WRONG = (0, 130, 0), (210, 0, 0)
 
 
-class NullLogger:
-    def scalar(self, tag: str, value: float, step: int | None = None) -> None: ...
-    def image(self, tag: str, image: np.ndarray, step: int) -> None: ...
-    def text(self, tag: str, markdown: str, step: int) -> None: ...
-    def pr_curve(self, tag: str, is_class: torch.Tensor, probability: torch.Tensor, step: int) -> None: ...
-    def layout(self, charts: dict[str, list[str]]) -> None: ...
-    def projector(self, features: torch.Tensor, metadata: list[list[str]], header: Sequence[str],
-                  images: torch.Tensor) -> None: ...
-    def graph(self, model: torch.nn.Module, example: torch.Tensor) -> None: ...
-    def hparams(self, hparams: dict[str, Any], metric_tags: Sequence[str]) -> None: ...
-    def close(self) -> None: ...
-
-
-class TensorBoardLogger(NullLogger):
+class TensorBoardLogger:
     def __init__(self, log_dir: Path, purge_step: int | None = None) -> None:
         from torch.utils.tensorboard import SummaryWriter  # deferred: pulls in tensorboard
         self.log_dir = log_dir
@@ -95,10 +81,6 @@ class TensorBoardLogger(NullLogger):
 
     def close(self) -> None:
         self.writer.close()
-
-
-def open_logger(env: DistEnv, log_dir: Path, purge_step: int | None = None) -> NullLogger:
-    return TensorBoardLogger(log_dir, purge_step) if env.is_main else NullLogger()
 
 
 def tag_name(text: str) -> str:

@@ -24,7 +24,8 @@ from .checkpoint import CheckpointError
 from .config import ConfigError, TrainConfig, parse_args
 from .data import Split
 from .datasets import DataError
-from .engine import EvalResult, StepSetup, evaluate, synchronize, train_step
+from .engine import StepSetup, synchronize, train_step
+from .evaluation import EvalResult, evaluate
 from .run_dir import CHECKPOINT_DIR, RunDirError
 from .report import done_line, final_metrics
 from .stopping import Diverged, Preempted, StopRequest, exit_now, fail

@@ -198,7 +198,7 @@ def test_zero_mistakes_and_no_validation(synthetic_data, tmp_path: Path) -> None
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_projector_features_for_every_registry_model(name: str) -> None:
     from distributed.data import Split
-    from distributed.report import penultimate_features
+    from distributed.evaluation import penultimate_features
     model = build_model(name, 10)
     last = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
     split = Split(torch.randint(0, 256, (7, 28, 28), dtype=torch.uint8), torch.arange(7) % 10)

@@ -14,7 +14,7 @@ from distributed.config import SEED_RECIPE
 from distributed.data import TASKS, load_splits
 from distributed.sampling import eval_shard
 from distributed.comms import DistEnv
-from distributed.engine import evaluate
+from distributed.evaluation import evaluate
 from distributed.models import build_model, to_device
 
 pytestmark = pytest.mark.slow
