@@ -73,7 +73,7 @@ else
   step gpu-tests 180 "$PY" -m pytest -q -p no:cacheprovider -m gpu -rs "${timeout_flag[@]}"
   # Bug 1 of issue 18 on the host it is about: 2- and 3-rank torchrun tests and the trainer's in-process tests
   step cpu-suite 120 "$PY" -m pytest -q -p no:cacheprovider -m "not gpu" "${timeout_flag[@]}" \
-    tests/test_gpu_host.py tests/test_torchrun.py tests/test_train.py tests/test_dist_checkpoint.py
+    tests/test_gpu_host.py tests/test_torchrun.py tests/test_train.py tests/test_comms.py tests/test_checkpoint_files.py
   step benchmark 150 "$PY" benchmarks/gpu_speed.py --data-dir "$DATA" --check --row-timeout 40
 fi
 

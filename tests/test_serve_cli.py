@@ -301,7 +301,7 @@ def test_recursive_and_explicit_files(exported_run: Path, tmp_path: Path, capsys
         ["a/sub/00000.png", "a/sub/00001.png", "b/00000.png"]
 
 
-def test_info(exported_run: Path, capsys) -> None:
+def test_info_describes_the_network_training_artifacts_and_parity(exported_run: Path, capsys) -> None:
     assert main(["info", str(exported_run)]) == 0
     out = capsys.readouterr().out
     assert "slimnet (dataset mnist, task digits, 10 classes: 0, 1, 2" in out and "parity     passed" in out and "sha256 ok" in out

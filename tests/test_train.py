@@ -30,7 +30,7 @@ def run_dir(synthetic_data, tmp_path_factory) -> Path:
     return out
 
 
-def test_metrics_json(run_dir: Path) -> None:
+def test_metrics_json_records_what_the_run_learned_and_did(run_dir: Path) -> None:
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert REQUIRED_METRICS <= metrics.keys()
     assert metrics["epochs"] == 2 and metrics["world_size"] == 1 and metrics["task"] == "digits"
