@@ -25,10 +25,10 @@ from distributed.datasets import folder_path
 from distributed.run_dir import CHECKPOINT_DIR
 from serve_cli.base.cli import NON_NEGATIVE, DefaultsHelpFormatter, Stopped, number_in, path_text, stop_signals_raise
 from serve_cli.base.files import write_json
-from serve_cli.base.manifest import (FORMAT_VERSION, INPUT_NAME, MANIFEST, OUTPUT_NAME, ManifestError, file_entry,
-                                probe_images, read_manifest, seal, sha256_file, verify_file)
+from serve_cli.base.manifest import (FORMAT_VERSION, FORMATS, INPUT_NAME, MANIFEST, OUTPUT_NAME, ManifestError,
+                                file_entry, probe_images, read_manifest, seal, sha256_file, verify_file)
 
-from .formats import write_exported_program, write_onnx, write_torchscript
+from .formats import WRITERS
 from .install import InstallError, Progress, install, previous_export
 from .parity import (ParityError, compare, eager_runtime, failures, format_report, load_runtimes, parity_report,
                      parity_set)
@@ -36,7 +36,6 @@ from .wrap import load_for_export
 
 DEFAULT_OPSET = 20
 PROBE_SEED, PROBE_COUNT = 0, 16
-ARTIFACT_FILES = {"onnx": "model.onnx", "torchscript": "model.ts", "exported_program": "model.pt2"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,13 +110,8 @@ def build_manifest(info: dict[str, Any], checkpoint: Path, artifacts: dict[str, 
 
 
 def write_artifacts(model: Any, files: dict[str, Path], opset: int) -> dict[str, Any]:
-    """Every artifact file (artifact kind -> path); their manifest entries, keyed the same way."""
-    method = write_torchscript(model, files["torchscript"])
-    write_exported_program(model, files["exported_program"])
-    write_onnx(model, files["onnx"], opset)
-    return {"onnx": file_entry(files["onnx"], opset=opset),
-            "torchscript": file_entry(files["torchscript"], method=method),
-            "exported_program": file_entry(files["exported_program"])}
+    """Every artifact file (artifact kind -> path), in FORMATS' order; their manifest entries, keyed the same way."""
+    return {kind: file_entry(path, **WRITERS[kind](model, path, opset)) for kind, path in files.items()}
 
 
 def check_parity(model: Any, files: dict[str, Path], info: dict[str, Any], data_dir: str | None,
@@ -157,7 +151,7 @@ def export_checkpoint(checkpoint: Path, out_dir: Path, data_dir: str | None, bat
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.staging-", dir=out_dir.parent))
     try:
-        files = {kind: staging / name for kind, name in ARTIFACT_FILES.items()}
+        files = {kind: staging / fmt.file for kind, fmt in FORMATS.items()}
         artifacts = write_artifacts(model, files, opset)
         parity = check_parity(model, files, info, data_dir, batch_sizes, atol,
                               failed="parity gate failed, nothing exported")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import warnings
 from pathlib import Path
+from typing import Any, Callable
 
 import onnx
 import torch
@@ -27,8 +28,8 @@ def _batch_dim() -> torch.export.Dim:
     return torch.export.Dim("batch", min=1, max=MAX_BATCH)
 
 
-def write_torchscript(model: nn.Module, path: Path) -> str:
-    """torch.jit.script, or trace where scripting fails (said on stdout). Returns the method used."""
+def write_torchscript(model: nn.Module, path: Path, opset: int) -> dict[str, Any]:
+    """torch.jit.script, or trace where scripting fails (said on stdout). The manifest notes the method used."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.jit.*deprecated")
         try:
@@ -39,17 +40,18 @@ def write_torchscript(model: nn.Module, path: Path) -> str:
         buffer = io.BytesIO()
         torch.jit.save(module, buffer)
     atomic_write(path, lambda p: p.write_bytes(buffer.getvalue()))
-    return method
+    return {"method": method}
 
 
-def write_exported_program(model: nn.Module, path: Path) -> None:
+def write_exported_program(model: nn.Module, path: Path, opset: int) -> dict[str, Any]:
     program = torch.export.export(model, (example_input(),), dynamic_shapes=({0: _batch_dim()},))
     buffer = io.BytesIO()
     torch.export.save(program, buffer)
     atomic_write(path, lambda p: p.write_bytes(buffer.getvalue()))
+    return {}
 
 
-def write_onnx(model: nn.Module, path: Path, opset: int) -> None:
+def write_onnx(model: nn.Module, path: Path, opset: int) -> dict[str, Any]:
     """One self-contained .onnx file: the weights are kept inline, not in a side .data file."""
     program = torch.onnx.export(model, (example_input(),), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                                 dynamic_shapes=({0: _batch_dim()},), opset_version=opset, dynamo=True,
@@ -57,3 +59,9 @@ def write_onnx(model: nn.Module, path: Path, opset: int) -> None:
     proto = program.model_proto
     onnx.checker.check_model(proto, full_check=True)
     atomic_write(path, lambda p: p.write_bytes(proto.SerializeToString()))
+    return {"opset": opset}
+
+
+# serve_cli.base.manifest.FORMATS' writers: (model, path, opset) -> what the manifest notes of the file
+WRITERS: dict[str, Callable[[nn.Module, Path, int], dict[str, Any]]] = {
+    "torchscript": write_torchscript, "exported_program": write_exported_program, "onnx": write_onnx}

@@ -15,7 +15,7 @@ from distributed.data import split_digest, task_of, to_unit
 from distributed.datasets import DATASETS, DataError, folder_path, read_mnist
 from distributed.folder import FolderError, load_folder
 from serve_cli.base.cli import first_line
-from serve_cli.base.manifest import INPUT_NAME, probe_images
+from serve_cli.base.manifest import FORMATS, INPUT_NAME, probe_images
 
 Runner = Callable[[np.ndarray], np.ndarray]  # float32 [N, 1, 28, 28] -> logits [N, C]
 
@@ -35,22 +35,37 @@ def eager_runtime(model: nn.Module) -> Runner:
     return torch_runtime(model.eval())
 
 
+def load_torchscript(path: Path) -> Runner:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.jit.*deprecated")
+        return torch_runtime(torch.jit.load(str(path), map_location="cpu").eval())
+
+
+def load_exported_program(path: Path) -> Runner:
+    return torch_runtime(torch.export.load(str(path)).module())
+
+
+def load_onnx(path: Path) -> Runner:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return lambda images: session.run(None, {INPUT_NAME: images})[0]
+
+
+# serve_cli.base.manifest.FORMATS' loaders for the gate and --verify: path -> images-to-logits
+LOADERS: dict[str, Callable[[Path], Runner]] = {
+    "torchscript": load_torchscript, "exported_program": load_exported_program, "onnx": load_onnx}
+
+
 def load_runtimes(files: dict[str, Path]) -> dict[str, Runner]:
-    """A runtime for each artifact file (keyed as in the manifest); ParityError when one cannot be loaded."""
-    try:
-        session = ort.InferenceSession(str(files["onnx"]), providers=["CPUExecutionProvider"])
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*torch.jit.*deprecated")
-            scripted = torch.jit.load(str(files["torchscript"]), map_location="cpu")
-        program = torch.export.load(str(files["exported_program"])).module()
-    except Exception as e:  # each runtime has its own many error types; the user needs the first line
-        raise ParityError(f"an artifact in {files['onnx'].parent} cannot be loaded ({first_line(e)}): "
-                          f"re-export") from None
-    return {
-        "torchscript": torch_runtime(scripted.eval()),
-        "exported_program": torch_runtime(program),
-        "onnxruntime": lambda images: session.run(None, {INPUT_NAME: images})[0],
-    }
+    """A runtime for each artifact file (keyed by artifact kind), under its runtime's name; ParityError when
+    one cannot be loaded."""
+    runtimes = {}
+    for kind, path in files.items():
+        try:
+            runtimes[FORMATS[kind].runtime] = LOADERS[kind](path)
+        except Exception as e:  # each runtime has its own many error types; the user needs the first line
+            raise ParityError(f"{path} cannot be loaded by {FORMATS[kind].runtime} ({first_line(e)}): "
+                              f"re-export") from None
+    return runtimes
 
 
 def run_batched(runtime: Runner, images: np.ndarray, batch_size: int) -> np.ndarray:

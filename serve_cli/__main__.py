@@ -22,7 +22,8 @@ import numpy as np
 from .base.cli import NON_NEGATIVE_INT, DefaultsHelpFormatter, Stopped, UsageError, number_in, stop_signals_raise
 from .base.images import find_images
 from .base.manifest import ManifestError, verify_file
-from .model import MODEL_ENV, LoadedModel, ModelError, default_model_dir, open_manifest, resolve_model, softmax
+from .model import (ARTIFACT_OF, MODEL_ENV, LoadedModel, ModelError, default_model_dir, open_manifest, resolve_model,
+                    softmax)
 from .output import WRITERS, OutputError, Row, Written, check_output, open_output, what_became_of
 from .pool import Chunk, processed_batches, worker_pool
 
@@ -38,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", help="image files and/or folders")
     p.add_argument("--model", help=f"export dir with manifest.json (default: ${MODEL_ENV}, else the newest "
                                    f"runs/*/export)")
-    p.add_argument("--runtime", "--backend", choices=["auto", "onnxruntime", "torchscript"], default="auto",
+    p.add_argument("--runtime", "--backend", choices=["auto", *ARTIFACT_OF], default="auto",
                    help="what runs the model (--backend is its old name); auto: ONNX Runtime, on CUDA when its "
                         "provider is available")
     p.add_argument("--format", choices=sorted(WRITERS), default="table")

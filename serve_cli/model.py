@@ -15,10 +15,10 @@ from typing import Any, Callable
 import numpy as np
 
 from .base.cli import first_line
-from .base.manifest import INPUT_NAME, ManifestError, probe_images, read_manifest, verify_file
+from .base.manifest import FORMATS, INPUT_NAME, ManifestError, probe_images, read_manifest, verify_file
 
 MODEL_ENV = "SERVE_CLI_MODEL"
-ARTIFACT_OF = {"onnxruntime": "onnx", "torchscript": "torchscript"}  # runtime -> manifest artifact key
+ARTIFACT_OF = {fmt.runtime: kind for kind, fmt in FORMATS.items() if fmt.served}  # runtime -> artifact key
 PICKLE_SUFFIXES = {".pt", ".pth", ".ckpt", ".pkl", ".bin"}
 
 

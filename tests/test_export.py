@@ -178,3 +178,18 @@ def test_gpu_checkpoint_exports_on_cpu(synthetic_data, tmp_path: Path) -> None:
     ckpt = make_checkpoint(tmp_path / "m.pt", "fastnet", "digits", synthetic_data, device="cuda")
     assert torch.load(ckpt, weights_only=True)["model"]["0.weight"].is_cuda
     assert main(["--checkpoint", str(ckpt), "--out-dir", str(tmp_path / "e"), "--batch-sizes", "1,64"]) == 0
+
+
+def test_one_table_of_formats_is_what_export_gates_and_serve_cli_runs(exported_run: Path) -> None:
+    """serve_cli.base.manifest.FORMATS is the one list: export writes and gates each row (WRITERS, LOADERS),
+    the manifest lists each row's file, and serve_cli offers exactly the served rows' runtimes."""
+    from export.formats import WRITERS
+    from export.parity import LOADERS
+    from serve_cli.base.manifest import FORMATS
+    from serve_cli.model import ARTIFACT_OF
+    assert list(WRITERS) == list(LOADERS) == list(FORMATS)
+    manifest = json.loads((exported_run / "manifest.json").read_text())
+    assert {kind: entry["file"] for kind, entry in manifest["artifacts"].items()} == \
+        {kind: fmt.file for kind, fmt in FORMATS.items()}
+    assert set(manifest["parity"]["runtimes"]) == {"eager"} | {fmt.runtime for fmt in FORMATS.values()}
+    assert set(ARTIFACT_OF) == {fmt.runtime for fmt in FORMATS.values() if fmt.served} == {"onnxruntime", "torchscript"}

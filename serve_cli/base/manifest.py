@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,24 @@ FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 REQUIRED = ("format_version", "model", "input", "output", "artifacts", "reference", "digest")
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
+
+
+@dataclass(frozen=True)
+class ArtifactFormat:
+    """One kind of artifact an export holds (keyed in FORMATS by its manifest key)."""
+    file: str  # its file in the export dir
+    runtime: str  # what runs it, in the parity gate and --verify and, where served, in serve_cli
+    served: bool  # whether serve_cli --runtime can run it
+
+
+# The one table of artifact formats, in the order they are written and gated. A new format is a row here, its
+# writer in export/formats.py's WRITERS, its loader in export/parity.py's LOADERS and, when served, a branch in
+# serve_cli/model.py's Runtime.build (export's tests check that the three tables agree).
+FORMATS = {
+    "torchscript": ArtifactFormat("model.ts", "torchscript", served=True),
+    "exported_program": ArtifactFormat("model.pt2", "exported_program", served=False),
+    "onnx": ArtifactFormat("model.onnx", "onnxruntime", served=True),
+}
 
 
 class ManifestError(RuntimeError):
