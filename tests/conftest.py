@@ -1,10 +1,13 @@
 """Shared fixtures: tiny synthetic MNIST in IDX format, and the real dataset when it is present."""
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import signal
 import socket
+import stat
 import struct
 import subprocess
 import sys
@@ -14,6 +17,7 @@ from typing import Iterator
 
 import numpy as np
 import pytest
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 MNIST_GZ = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
@@ -160,3 +164,124 @@ def mnist_export(real_data, tmp_path_factory) -> Path:
     assert train(["--data-dir", str(real_data), "--run-dir", str(run_dir), "--epochs", "1", "--device", "cpu"]) == 0
     assert export(["--run-dir", str(run_dir), "--batch-sizes", "7,1000"]) == 0
     return run_dir / "export"
+
+
+# -- helpers of the hostile-user tests (files snapshots, one-line errors, tiny folders) -------------
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """sha256 of every regular file under `folder`, by relative path (but the run-dir lock, which names the
+    last trainer that held it)."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file() and not p.is_symlink() and p.name != ".lock"}
+
+
+def one_error_line(err: str, *needles: str) -> str:
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def run(*cmd: str, timeout: float = 180, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *cmd], cwd=ROOT, capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+def train_args(data: Path, run_dir: Path, *extra: str) -> list[str]:
+    return ["--data-dir", str(data), "--run-dir", str(run_dir), "--val-size", "64", "--epochs", "1",
+            "--model", "mlp", "--device", "cpu", *extra]
+
+
+def pngs(folder: Path, n: int = 6) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    images, _ = synthetic_digits(n, seed=3)
+    for i, img in enumerate(images):
+        Image.fromarray(img).save(folder / f"{i:03d}.png")
+    return folder
+
+
+def edit_manifest(exported: Path, dest: Path, edit, reseal: bool) -> Path:
+    """A copy of an export whose manifest `edit` changed, sealed again with a fresh digest or not."""
+    from serve_cli.base.manifest import seal
+    out = Path(shutil.copytree(exported, dest))
+    manifest = json.loads((out / "manifest.json").read_text())
+    edit(manifest)
+    (out / "manifest.json").write_text(json.dumps(seal(manifest) if reseal else manifest))
+    return out
+
+
+def predict(model: Path, folder: Path, output: Path | str, *extra: str) -> list[str]:
+    return ["predict", str(folder), "--model", str(model), "--format", "csv", "--output", str(output), *extra]
+
+
+def device_node(path: Path, minor: int) -> Path:
+    """A private copy of a memory device (3: null, 7: full), so that broken code replaces it, not /dev's."""
+    try:
+        os.mknod(path, 0o666 | stat.S_IFCHR, os.makedev(1, minor))
+    except PermissionError:
+        pytest.skip("making a device node needs root")
+    return path
+
+
+def flip_weight_bytes(path: Path, count: int = 400) -> None:
+    """Flip `count` bytes in the largest tensor record of a torch.save zip file, leaving the zip readable."""
+    import struct
+    import zipfile
+    with zipfile.ZipFile(path) as z:
+        info = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    data = bytearray(path.read_bytes())
+    name_len, extra_len = struct.unpack("<HH", data[info.header_offset + 26:info.header_offset + 30])
+    start = info.header_offset + 30 + name_len + extra_len
+    for i in range(start, start + min(count, info.file_size)):
+        data[i] ^= 0x5A
+    path.write_bytes(bytes(data))
+
+
+def digit_folder(root: Path, per_class: int = 30) -> Path:
+    """Two classes of synthetic digit PNGs (zero and one)."""
+    from PIL import Image
+    from conftest import synthetic_digits
+    images, labels = synthetic_digits(per_class * 10, seed=7)
+    for i, (img, label) in enumerate(zip(images, labels)):
+        if label < 2:
+            (root / ("zero", "one")[label]).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img).save(root / ("zero", "one")[label] / f"{i:04d}.png")
+    return root
+
+
+def folder_args(folder: Path, run_dir: Path, epochs: int) -> list[str]:
+    return ["--dataset", f"folder:{folder}", "--run-dir", str(run_dir), "--val-size", "5", "--epochs", str(epochs),
+            "--model", "mlp", "--batch-size", "16", "--device", "cpu"]
+
+
+def big_digit_folder(root: Path, per_class: int) -> Path:
+    """Large pictures (hard links of two files) that take a while to decode."""
+    from PIL import Image
+    from conftest import synthetic_digits
+    for c, name in enumerate(("zero", "one")):
+        (root / name).mkdir(parents=True)
+        first = root / name / "00000.png"
+        Image.fromarray(synthetic_digits(1, c)[0][0]).resize((600, 600)).save(first)
+        for i in range(1, per_class):
+            os.link(first, root / name / f"{i:05d}.png")
+    return root
+
+
+def decode_workers(root: int) -> bool:
+    """Whether a spawned decoding process runs below process `root` (torchrun starts its workers in sessions
+    of their own)."""
+    parents, commands = {}, {}
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parents[int(stat_file.parent.name)] = int(stat_file.read_text().rsplit(")", 1)[1].split()[1])
+            commands[int(stat_file.parent.name)] = (stat_file.parent / "cmdline").read_bytes()
+        except (OSError, ValueError, IndexError):
+            continue
+
+    def below(pid: int) -> bool:
+        while pid > 1:
+            pid = parents.get(pid, 0)
+            if pid == root:
+                return True
+        return False
+    return any(b"multiprocessing.spawn" in cmd and below(pid) for pid, cmd in commands.items())

@@ -42,6 +42,9 @@ def signalled_rmtree(path, *args, **kwargs):
 export.shutil.rmtree = signalled_rmtree
 sys.exit(export.main(["--checkpoint", sys.argv[1], "--out-dir", str(out), "--batch-sizes", "1,2"]))
 '''
+import time
+
+from conftest import one_error_line
 
 
 def reexport_with(fault: str, exported_run: Path, tmp_path: Path) -> tuple[subprocess.CompletedProcess, Path,
@@ -85,3 +88,19 @@ def test_a_rename_that_fails_midway_names_what_is_new(exported_run: Path, tmp_pa
     assert line.startswith("error: ") and "nothing was exported" not in line, line
     assert f"{out}/" in line and "had been replaced" in line, line
     assert "export again" in line
+
+
+def test_a_signal_during_the_parity_gate_leaves_nothing(ddp_run: Path, tmp_path: Path) -> None:
+    out_dir = tmp_path / "export"
+    proc = subprocess.Popen([sys.executable, "-m", "export", "--run-dir", str(ddp_run), "--out-dir", str(out_dir),
+                             "--batch-sizes", "1,2,3"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 120
+    while not list(tmp_path.glob(".export.staging-*/model.onnx")):  # the artifacts are written: the gate is next
+        assert time.time() < deadline and proc.poll() is None, proc.communicate()
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    one_error_line(err, "stopped by signal 15", "nothing was exported")
+    assert list(tmp_path.iterdir()) == []

@@ -12,6 +12,12 @@ from export.__main__ import main as export
 from serve_cli.__main__ import main as serve
 
 CORES = len(os.sched_getaffinity(0))  # what serve_cli bounds its workers and threads by
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import ROOT
 
 
 @pytest.mark.parametrize("command, flags, needle", [
@@ -39,3 +45,25 @@ def test_the_default_workers_are_within_the_bound(capsys) -> None:
     with pytest.raises(SystemExit):
         serve(["predict", "--help"])
     assert f"the {CORES} core(s)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flags", [["--lr", "nan"], ["--lr", "-1"], ["--momentum", "-0.5"],
+                                   ["--label-smoothing", "1"], ["--epochs", "0"], ["--val-size", "-3"],
+                                   ["--weight-decay", "inf"], ["--batch-size", "two"]])
+def test_nonsense_flags_are_usage_errors(flags: list[str], capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        train(flags)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flags[0]}" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("cmd", [["-m", "distributed.train", "--run-dir", ""],
+                                 ["-m", "distributed.train", "--data-dir", " "],
+                                 ["-m", "export", "--run-dir", ""],
+                                 ["-m", "export", "--checkpoint", "x.pt", "--out-dir", ""]])
+def test_an_empty_path_is_a_usage_error(cmd: list[str], tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, *cmd], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 2 and "an empty path" in proc.stderr
+    assert list(tmp_path.iterdir()) == []

@@ -36,7 +36,7 @@ def worker_tracebacks(stderr: str) -> bool:
 
 def test_the_suites_helpers_pin_the_cpu_on_a_one_gpu_host(synthetic_data: Path, tmp_path: Path, monkeypatch) -> None:
     """Bug 1: --device auto made every 2-rank torchrun test fail there ("2 processes ... only 1 GPU(s)")."""
-    import test_hostile
+    import conftest
     import test_launch
     import test_train
     from distributed.config import parse_args
@@ -49,7 +49,7 @@ def test_the_suites_helpers_pin_the_cpu_on_a_one_gpu_host(synthetic_data: Path, 
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    for helper in (test_train.args, test_hostile.train_args, test_launch.train_args):
+    for helper in (test_train.args, conftest.train_args, test_launch.train_args):
         assert parse_args(helper(synthetic_data, tmp_path)).device == "cpu", helper
 
 

@@ -2,19 +2,17 @@
 that says what is wrong with it (not a full disk, not the network)."""
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import ROOT, one_error_line, train_args, write_synthetic_mnist
 from distributed import checkpoint
 from distributed.checkpoint import CheckpointError
 from distributed.train import main as train
-
-
-def train_args(data: Path, run_dir: Path, *extra: str) -> list[str]:
-    return ["--data-dir", str(data), "--run-dir", str(run_dir), "--val-size", "64", "--epochs", "1",
-            "--model", "mlp", "--device", "cpu", *extra]
 
 
 def error_line(capsys) -> str:
@@ -84,3 +82,46 @@ def test_a_data_dir_that_is_not_a_folder_says_so(tmp_path: Path, capsys, layout:
     line = error_line(capsys)
     assert line.startswith(f"error: {named} ") and needle in line, line
     assert "download" not in line and "network" not in line, line
+
+
+def test_run_dir_that_is_a_file(synthetic_data, tmp_path: Path, capsys) -> None:
+    (tmp_path / "f").write_text("keep")
+    assert train(train_args(synthetic_data, tmp_path / "f")) == 1
+    one_error_line(capsys.readouterr().err, "is a file, not a folder")
+    assert (tmp_path / "f").read_text() == "keep"
+
+
+def test_second_trainer_on_the_same_run_dir_is_refused(synthetic_data, tmp_path: Path, capsys) -> None:
+    holder = subprocess.Popen([sys.executable, "-c",
+                               "import sys, time; from pathlib import Path; from distributed.run_dir import RunDirLock; "
+                               f"lock = RunDirLock(Path({str(tmp_path)!r})); lock.acquire(); print('locked', flush=True); "
+                               "time.sleep(60)"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert train(train_args(synthetic_data, tmp_path)) == 1
+        one_error_line(capsys.readouterr().err, "is in use by pid", str(holder.pid))
+        assert not (tmp_path / "checkpoints").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert train(train_args(synthetic_data, tmp_path)) == 0  # the dead holder's lock is gone with it
+
+
+@pytest.mark.parametrize("damage, needle", [("truncate", "is damaged"), ("header", "bad header"),
+                                            ("labels", "labels outside 0-9")])
+def test_damaged_extracted_mnist_is_named(tmp_path: Path, capsys, damage: str, needle: str) -> None:
+    data = write_synthetic_mnist(tmp_path / "data", n_train=200, n_test=50)
+    raw = data / "MNIST" / "raw"
+    if damage == "truncate":
+        path = raw / "train-images-idx3-ubyte"
+        path.write_bytes(path.read_bytes()[:-100])
+    elif damage == "header":
+        path = raw / "t10k-images-idx3-ubyte"
+        path.write_bytes(b"\x00\x00\x08\x01" + path.read_bytes()[4:])
+    else:
+        path = raw / "train-labels-idx1-ubyte"
+        content = bytearray(path.read_bytes())
+        content[20] = 42
+        path.write_bytes(bytes(content))
+    assert train(["--data-dir", str(data), "--run-dir", str(tmp_path / "r"), "--val-size", "10", "--device", "cpu"]) == 1
+    one_error_line(capsys.readouterr().err, str(path.name), needle)

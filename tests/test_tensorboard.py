@@ -22,6 +22,8 @@ from distributed.train import main
 
 ALL = {"scalars": 0, "images": 0, "tensors": 0}
 CLASSES = [str(d) for d in range(10)]
+from conftest import synthetic_digits
+from distributed.train import main as train
 
 
 def events(run_dir: Path) -> EventAccumulator:
@@ -207,3 +209,26 @@ def test_projector_features_for_every_registry_model(name: str) -> None:
     with torch.inference_mode():  # the features are what the last layer classifies, in eval mode
         logits = model.eval()(split.batch(torch.arange(7))[0])
         assert torch.allclose(logits, last(features), atol=1e-5)
+
+
+def test_three_hundred_classes_keep_every_tensorboard_artifact_bounded(tmp_path: Path) -> None:
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from distributed.report import CURVE_CLASSES, MATRIX_CLASSES
+    images, _ = synthetic_digits(600, seed=2)
+    root = tmp_path / "many"
+    for c in range(300):
+        for part, pictures in (("train", images[2 * c:2 * c + 2]), ("test", images[2 * c:2 * c + 1])):
+            (root / part / f"c{c:03d}").mkdir(parents=True)
+            for i, img in enumerate(pictures):
+                Image.fromarray(img).save(root / part / f"c{c:03d}" / f"{i}.png")
+    run_dir = tmp_path / "run"
+    assert train(["--dataset", f"folder:{root}", "--run-dir", str(run_dir), "--val-size", "0", "--epochs", "1",
+                  "--model", "mlp", "--device", "cpu"]) == 0
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "images": 0, "tensors": 0}).Reload()
+    matrix = acc.Images("test/confusion_matrix")[-1]
+    assert matrix.width <= 56 + 44 * MATRIX_CLASSES and matrix.height <= 56 + 44 * MATRIX_CLASSES
+    recall = [t for t in acc.Tags()["scalars"] if t.startswith("test_per_class/recall/")]
+    assert len(recall) == CURVE_CLASSES
+    assert len([t for t in acc.Tags()["tensors"] if t.startswith("pr/")]) == CURVE_CLASSES
