@@ -53,7 +53,7 @@ MUTANTS: dict[str, tuple[str, str, str, str]] = {
                              "    import torch  # noqa\n    if runtime is None:\n        return",
                              "tests/test_serve_cli.py -k imports_no_torch"),
     "no_stop_save": ("distributed/train.py", "                if save or stopping:", "                if save:",
-                     "tests/test_launch.py -k sigterm"),
+                     "tests/test_launch.py -k stop_signal_saves"),
     "nan_passes_gate": ("export/parity.py", "if not r[\"finite\"] or not r[\"max_abs_diff\"] <= report[\"atol\"]",
                         "if r[\"max_abs_diff\"] > report[\"atol\"]", "tests/test_export_refusals.py -k nan_model"),
     "divergence_unchecked": ("distributed/train.py", "[self.stop.signal is not None, not segment.finite()]",
