@@ -62,9 +62,9 @@ def main() -> int:
         env = comms.setup(cfg.device)
         trainer = Trainer.build(cfg, env, StopRequest(), Phases())
         try:
-            order = trainer.plan.order(0, env.device)
-            steps = [k % trainer.plan.steps for k in range(args.warmup + args.steps)]
-            trainer.net.train()
+            order = trainer.parts.plan.order(0, env.device)
+            steps = [k % trainer.parts.plan.steps for k in range(args.warmup + args.steps)]
+            trainer.parts.net.train()
             for k in steps[:args.warmup]:
                 trainer.step(order, k)
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if env.device.type == "cuda" else [])
