@@ -73,7 +73,7 @@ MUTANTS: dict[str, tuple[str, str, str, str]] = {
     "idx_unchecked": ("distributed/datasets.py", "            check_idx(path, ndim)\n", "            pass\n",
                       "tests/test_startup_checks.py -k damaged"),
     "loss_not_all_reduced": ("distributed/train.py", "comms.all_reduce_sum(loss.float().reshape(1).clone(), self.env).item() / self.env.world_size",
-                             "loss.item()", "tests/test_train_failures.py -k work_of_a_stopped"),
+                             "loss.item()", "tests/test_global_batch.py -k same_steps"),
     "eval_not_all_reduced": ("distributed/evaluation.py", "    all_reduce_sum(confusion, env)\n", "",
                              "tests/test_torchrun.py -k two_rank_eval"),
     "probabilities_in_rank_order": ("distributed/evaluation.py",

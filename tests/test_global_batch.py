@@ -57,6 +57,9 @@ def test_one_two_and_three_ranks_take_the_same_steps(tmp_path: Path) -> None:
         assert state["optimizer"]["param_groups"][0]["lr"] == reference["optimizer"]["param_groups"][0]["lr"]
         for key, value in reference["model"].items():
             torch.testing.assert_close(state["model"][key], value, rtol=0, atol=1e-6, msg=f"{name}: {key}")
+        # the epoch's train loss is the mean over every rank's images, not rank 0's share of them
+        assert state["run"]["history"][-1]["train_loss"] == pytest.approx(
+            reference["run"]["history"][-1]["train_loss"], rel=1e-5), name
 
 
 COUNT_ALLREDUCES = """
