@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from serve_cli.base.cli import Stopped, stop_signals_deferred
+from serve_cli.base.cli import stop_signals_deferred
 from serve_cli.base.manifest import MANIFEST, ManifestError, is_ours, is_plain_name, load_json
 
 
@@ -48,11 +48,9 @@ def install(staging: Path, out_dir: Path, manifest: dict[str, Any], old: dict[st
     new one does not. Nothing else in out_dir is touched. Each rename is atomic; a reader that comes between
     them sees a manifest whose hashes do not match and refuses, never a mix that answers. A stop signal waits
     until the renames are done (they take milliseconds), so a stopped export is all old or all new."""
-    with stop_signals_deferred() as received:
+    with stop_signals_deferred():
         _install(staging, out_dir, manifest, old)
         progress.installed = out_dir
-    if received:
-        raise Stopped(received[0])
 
 
 def _install(staging: Path, out_dir: Path, manifest: dict[str, Any], old: dict[str, Any] | None) -> None:

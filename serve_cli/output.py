@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, TextIO
 
-from .base.cli import Stopped, UsageError, stop_signals_deferred
+from .base.cli import UsageError, stop_signals_deferred
 from .base.images import IMAGE_SUFFIXES
 
 
@@ -155,12 +155,10 @@ def open_output(path: str | None, written: Written) -> Iterator[TextIO]:
     try:
         with os.fdopen(fd, "w", errors="surrogateescape") as stream:
             yield stream
-        with stop_signals_deferred() as received:  # a stop now would say nothing was written
+        with stop_signals_deferred():  # a stop now would say nothing was written
             keep_owner_and_mode(tmp, target)
             os.replace(tmp, target)
             written.complete = True
-        if received:
-            raise Stopped(received[0])
     except BaseException as e:  # a stop, a full disk, a closed pipe: the target is as it was
         Path(tmp).unlink(missing_ok=True)
         if isinstance(e, OSError) and not isinstance(e, BrokenPipeError):

@@ -105,16 +105,19 @@ def stop_signals_raise() -> Iterator[None]:
 
 
 @contextmanager
-def stop_signals_deferred() -> Iterator[list[int]]:
-    """Within: a stop signal is only recorded (in the list yielded), for steps that must not be cut short (a
-    few renames); the caller raises Stopped after them. The Python handler is swapped, not the signal mask:
-    a mask holds in one thread only, and the kernel hands a process-directed signal to any thread that does
-    not mask it (torch's, ONNX Runtime's); CPython runs the handler in the main thread whichever took it."""
+def stop_signals_deferred() -> Iterator[None]:
+    """Within: a stop signal is only recorded, for steps that must not be cut short (a few renames); when they
+    are done, the first one recorded raises Stopped (an exception from within goes on as it is). The Python
+    handler is swapped, not the signal mask: a mask holds in one thread only, and the kernel hands a
+    process-directed signal to any thread that does not mask it (torch's, ONNX Runtime's); CPython runs the
+    handler in the main thread whichever took it."""
     received: list[int] = []
     previous = {signum: signal.signal(signum, lambda signum, frame: received.append(signum))
                 for signum in STOP_SIGNALS}
     try:
-        yield received
+        yield
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+    if received:
+        raise Stopped(received[0])
