@@ -10,7 +10,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from serve_cli.base.cli import first_line
+from serve_cli.base.cli import first_line, usable_cores
 
 from .digest import digest
 
@@ -103,8 +103,7 @@ def unusable_gpus() -> str:
 
 
 def cpu_threads_per_rank(local_world_size: int) -> int:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // local_world_size)
+    return max(1, usable_cores() // local_world_size)
 
 
 def setup(device_flag: str) -> DistEnv:

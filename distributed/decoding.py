@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import gc
 import multiprocessing
-import os
 import signal
 from pathlib import Path
 
 import numpy as np
 
+from serve_cli.base.cli import usable_cores
 from serve_cli.base.images import digits_or_reasons
 
 
@@ -20,8 +20,7 @@ def decode_all(paths: list[Path], chunk: int = 500) -> list[np.ndarray | str]:
     process group, and so does a closed terminal's SIGHUP: the workers ignore both (they are started with them
     ignored, which survives exec, so not even their start-up prints a KeyboardInterrupt; a signal mask would
     not: the spawn resets it) and the parent, stopping, terminates them (SIGTERM ends a worker silently)."""
-    workers = min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1,
-                  -(-len(paths) // chunk))
+    workers = min(usable_cores(), -(-len(paths) // chunk))
     chunks = [paths[i:i + chunk] for i in range(0, len(paths), chunk)]
     if workers <= 1:
         return [r for c in chunks for r in digits_or_reasons(c)]

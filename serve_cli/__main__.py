@@ -19,7 +19,8 @@ from typing import Iterable, Iterator, TextIO
 
 import numpy as np
 
-from .base.cli import NON_NEGATIVE_INT, DefaultsHelpFormatter, Stopped, UsageError, number_in, stop_signals_raise
+from .base.cli import (NON_NEGATIVE_INT, DefaultsHelpFormatter, Stopped, UsageError, number_in, stop_signals_raise,
+                       usable_cores)
 from .base.images import find_images
 from .base.manifest import ManifestError, verify_file
 from .model import (ARTIFACT_OF, MODEL_ENV, LoadedModel, ModelError, default_model_dir, open_manifest, resolve_model,
@@ -92,11 +93,6 @@ def check_inputs(inputs: list[str], recursive: bool) -> Iterator[Path]:
         hint = "" if recursive else " (add --recursive for sub-folders)"
         raise UsageError(f"no image files in {', '.join(inputs)}{hint}")
     return itertools.chain([first], paths)
-
-
-def usable_cores() -> int:
-    """The cores this process may run on (its CPU affinity: a container's or a SLURM job's share)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def predict(args: argparse.Namespace, written: Written) -> int:

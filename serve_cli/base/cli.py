@@ -41,6 +41,11 @@ NON_NEGATIVE = number_in(float, 0)
 FRACTION = number_in(float, 0, 1, high_open=True)  # [0, 1)
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity: a container's or a SLURM job's share)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """argparse's "(default: X)" after each flag's help, but where the help already gives the default or the
     default is None (the help then says what its absence means)."""
