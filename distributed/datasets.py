@@ -121,9 +121,9 @@ def check_folders(root: Path, raw: Path) -> None:
     below = raw.relative_to(root).parts
     for folder in [root] + [root.joinpath(*below[:i]) for i in range(1, len(below) + 1)]:
         name = f"--data-dir {root}" if folder == root else str(folder)
-        broken = broken_link(folder)
+        broken = broken_link(folder, name)
         if broken:
-            raise DataError(f"{broken.replace(str(folder), name, 1)}: make it lead to a folder, or remove it")
+            raise DataError(f"{broken}: make it lead to a folder, or remove it")
         if folder.exists() and not folder.is_dir():
             fix = "give --data-dir a folder" if folder == root else "move it away"
             raise DataError(f"{name} is a file, not a folder: {fix} (the dataset goes in {raw}/)")

@@ -26,9 +26,9 @@ def prepare_run_dir(run_dir: Path) -> None:
     where it leads to a folder."""
     checkpoints = run_dir / CHECKPOINT_DIR
     for folder, name in ((run_dir, f"--run-dir {run_dir}"), (checkpoints, str(checkpoints))):
-        broken = broken_link(folder)
+        broken = broken_link(folder, name)
         if broken:
-            raise RunDirError(f"{broken.replace(str(folder), name, 1)}: make it lead to a folder, or remove it")
+            raise RunDirError(f"{broken}: make it lead to a folder, or remove it")
         if folder.exists() and not folder.is_dir():
             raise RunDirError(f"{name} is a file, not a folder: move it away, or choose another --run-dir")
         if folder == run_dir:

@@ -28,7 +28,7 @@ from serve_cli.base.files import write_json
 from serve_cli.base.manifest import (FORMAT_VERSION, FORMATS, INPUT_NAME, MANIFEST, OUTPUT_NAME, ManifestError,
                                 file_entry, probe_images, read_manifest, seal, sha256_file, verify_file)
 
-from .formats import WRITERS
+from .formats import MAX_BATCH, WRITERS
 from .install import InstallError, Progress, install, previous_export
 from .parity import (ParityError, compare, eager_runtime, failures, format_report, load_runtimes, parity_report,
                      parity_set)
@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-MAX_BATCH, MAX_BATCH_SIZES = 65536, 8
+MAX_BATCH_SIZES = 8
 
 
 def parse_batch_sizes(text: str, parser: argparse.ArgumentParser) -> list[int]:

@@ -17,7 +17,7 @@ from torch import nn
 from serve_cli.base.files import atomic_write
 from serve_cli.base.manifest import INPUT_NAME, OUTPUT_NAME
 
-MAX_BATCH = 1 << 16
+MAX_BATCH = 1 << 16  # the artifacts' batch axis, and so the largest --batch-sizes the gate can run
 
 
 def example_input(batch: int = 2) -> torch.Tensor:

@@ -34,13 +34,14 @@ def write_json(path: Path, obj: Any) -> None:
     atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=2) + "\n"))
 
 
-def broken_link(path: Path) -> str | None:
-    """How a link that leads nowhere is broken, in words for an error message (None: not such a link)."""
+def broken_link(path: Path, name: str | None = None) -> str | None:
+    """How a link that leads nowhere is broken, in words for an error message that calls it `name` (default:
+    the path); None when it is not such a link."""
     if not path.is_symlink() or path.exists():
         return None
     try:
         path.stat()
     except OSError as e:
         if e.errno == errno.ELOOP:
-            return f"{path} is a link in a circle"
-    return f"{path} is a link to {os.readlink(path)}, which does not exist"
+            return f"{name or path} is a link in a circle"
+    return f"{name or path} is a link to {os.readlink(path)}, which does not exist"
