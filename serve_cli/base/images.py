@@ -181,11 +181,9 @@ def to_gray(img: Image.Image) -> np.ndarray:
     """
     mode = img.mode
     if mode in INTEGER_MODES:
-        return _on_a_scale(np.asarray(img).astype(np.float32), ((255.0, "0-255"), (65535.0, "0-65535")),
-                           "integer")
+        return _on_a_scale(np.asarray(img).astype(np.float32), (255.0, 65535.0), "integer")
     if mode == "F":
-        return _on_a_scale(np.asarray(img, dtype=np.float32), ((1.0, "0-1"), (255.0, "0-255")), "float",
-                           slack=0.5 / 255)
+        return _on_a_scale(np.asarray(img, dtype=np.float32), (1.0, 255.0), "float", slack=0.5 / 255)
     if mode == "P" and "transparency" in img.info or mode in ALPHA_MODES:
         if mode != "RGBA":
             img = (img.convert("LA") if mode == "La" else img).convert("RGBA")  # Pillow has no La -> RGBA
@@ -197,15 +195,15 @@ def to_gray(img: Image.Image) -> np.ndarray:
     raise ImageError(f"pixel mode {mode} is not one this tool reads: save the image as 8-bit gray or RGB")
 
 
-def _on_a_scale(a: np.ndarray, scales: tuple[tuple[float, str], ...], kind: str, slack: float = 0.0) -> np.ndarray:
+def _on_a_scale(a: np.ndarray, scales: tuple[float, ...], kind: str, slack: float = 0.0) -> np.ndarray:
     """Gray values divided by the first scale they all fit in: [0, top * (1 + slack)] (digit_of clips what is
     over); ImageError when they fit none."""
     low, high = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
     if math.isfinite(low) and math.isfinite(high) and low >= 0:
-        for top, _ in scales:
+        for top in scales:
             if high <= top * (1 + slack):
                 return a / np.float32(top)
-    names = " nor ".join(name for _, name in scales)
+    names = " nor ".join(f"0-{top:g}" for top in scales)
     raise ImageError(f"{kind} pixels from {low:g} to {high:g} fit neither {names}: save the image with values in "
                      f"one of those ranges")
 
