@@ -8,18 +8,19 @@ import shutil
 import signal
 import socket
 import stat
-import struct
 import subprocess
 import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-import numpy as np
 import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "launch"))  # the synthetic data is also what launch/container.sh smoke trains on
+from synthetic_mnist import synthetic_digits, write_idx, write_synthetic_mnist  # noqa: E402,F401
+
 MNIST_GZ = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
             "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
 
@@ -32,38 +33,6 @@ def real_mnist_raw() -> Path | None:
         if all((raw / f).is_file() for f in MNIST_GZ):
             return raw
     return None
-def synthetic_digits(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Learnable stand-ins for digits: digit d is a bright bar pattern at a d-dependent place, jittered, noisy."""
-    rng = np.random.default_rng(seed)
-    labels = np.arange(n) % 10
-    rng.shuffle(labels)
-    images = rng.integers(0, 40, size=(n, 28, 28)).astype(np.uint8)
-    for i, d in enumerate(labels):
-        dy, dx = rng.integers(-2, 3, size=2)
-        r, c = 4 + (d // 4) * 7 + dy, 4 + (d % 4) * 5 + dx
-        images[i, r:r + 6, c:c + 4] = 255
-        images[i, 22:25, 2 + 2 * d:4 + 2 * d] = 200  # a second cue, so tiny nets learn it fast
-    return images, labels.astype(np.uint8)
-
-
-def write_idx(path: Path, array: np.ndarray) -> None:
-    magic = 0x0803 if array.ndim == 3 else 0x0801
-    with open(path, "wb") as f:
-        f.write(struct.pack(">I", magic) + b"".join(struct.pack(">I", d) for d in array.shape))
-        f.write(array.astype(np.uint8).tobytes())
-
-
-def write_synthetic_mnist(root: Path, n_train: int = 640, n_test: int = 200, seed: int = 0,
-                          folder: str = "MNIST") -> Path:
-    """Uncompressed IDX files where torchvision's MNIST (or FashionMNIST, KMNIST: `folder`) looks first, so it
-    never tries to download."""
-    raw = root / folder / "raw"
-    raw.mkdir(parents=True, exist_ok=True)
-    for split, n, s in (("train", n_train, seed), ("t10k", n_test, seed + 1)):
-        images, labels = synthetic_digits(n, s)
-        write_idx(raw / f"{split}-images-idx3-ubyte", images)
-        write_idx(raw / f"{split}-labels-idx1-ubyte", labels)
-    return root
 
 
 @pytest.fixture(scope="session")
