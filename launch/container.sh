@@ -21,8 +21,9 @@ export BUILDAH_ISOLATION="${BUILDAH_ISOLATION:-chroot}"
 
 die() { echo "container.sh: error: $*" >&2; exit 1; }
 
-usage() {
-  sed -n '2,4p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+usage() {  # [WHAT WAS WRONG]
+  [[ -z ${1:-} ]] || echo "container.sh: error: $1" >&2
+  sed -n '4,5p' "${BASH_SOURCE[0]}" | sed 's/^# */usage: /' >&2
   exit 2
 }
 
@@ -49,12 +50,16 @@ build_image() {
   local args=(-f "$ROOT/launch/Dockerfile" --target "$target" -t "$tag")
   for arg in "$@"; do args+=(--build-arg "$arg"); done
   echo "==> building $tag with $TOOL${*:+ ($*)}" >&2
-  local rc=0
+  local rc=0 previous
+  previous=$("$TOOL" images -q "$tag" 2>/dev/null | head -n 1)
   case $TOOL in
     buildah) buildah bud "${args[@]}" "$ROOT" || rc=$? ;;  # commits, and so tags, only after its last step
     *) "$TOOL" build --force-rm "${args[@]}" "$ROOT" || rc=$? ;;
   esac
   (( rc == 0 )) || die "building $tag failed at the step shown above (exit $rc); $tag was not tagged by this build"
+  # The image this build untagged, unless another tag or a container still uses it (rmi without -f refuses).
+  [[ -z $previous || $previous == "$("$TOOL" images -q "$tag" | head -n 1)" ]] \
+    || "$TOOL" rmi "$previous" >/dev/null 2>&1 || true
 }
 
 image_size() { "$TOOL" images --format '{{.Size}}' "$1" | head -n 1; }
@@ -73,7 +78,7 @@ cmd_build() {
       --base) [[ $# -ge 2 && -n $2 ]] || die "--base needs an image, e.g. --base python:3.11-slim"; base=$2; shift 2 ;;
       --torch-index) [[ $# -ge 2 && -n $2 ]] || die "--torch-index needs a URL, e.g. https://download.pytorch.org/whl/cu126"
                      index=$2; shift 2 ;;
-      *) usage ;;
+      *) usage "unknown argument '$1' of build" ;;
     esac
   done
   pick_tool
@@ -232,7 +237,7 @@ cmd_smoke() {
   while (( $# )); do
     case $1 in
       --base) [[ $# -ge 2 && -n $2 ]] || die "--base needs an image"; BASE=$2; shift 2 ;;
-      *) usage ;;
+      *) usage "unknown argument '$1' of smoke" ;;
     esac
   done
   pick_tool
@@ -260,5 +265,6 @@ cmd_smoke() {
 case ${1:-} in
   build) shift; cmd_build "$@" ;;
   smoke) shift; cmd_smoke "$@" ;;
-  *) usage ;;
+  "") usage ;;
+  *) usage "unknown command '$1'" ;;
 esac
