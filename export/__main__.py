@@ -32,6 +32,7 @@ from .formats import MAX_BATCH, WRITERS
 from .install import InstallError, Progress, install, previous_export
 from .parity import (ParityError, compare, eager_runtime, failures, format_report, load_runtimes, parity_report,
                      parity_set)
+from . import triton
 from .wrap import load_for_export
 
 DEFAULT_OPSET = 20
@@ -54,7 +55,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--atol", type=NON_NEGATIVE, default=1e-4, help="max |logit difference| any runtime may show")
     p.add_argument("--batch-sizes", default="1,7,1000", help="batch sizes the parity gate runs at")
     p.add_argument("--opset", type=number_in(int, 18, 23), default=DEFAULT_OPSET, help="ONNX opset")
+    p.add_argument("--triton", nargs="?", const="", metavar="NAME", type=triton_name,
+                   help="also write a Triton model repository, OUT_DIR/triton/NAME (default NAME: DATASET_TASK)")
     return p
+
+
+def triton_name(text: str) -> str:
+    try:
+        return triton.check_name(text) if text else text
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).split(": ", 1)[1]) from None
 
 
 MAX_BATCH_SIZES = 8
@@ -82,20 +92,29 @@ PREPROCESSING = ("serve_cli.base.images.digit_bytes: first frame, EXIF orientati
                  "8-bit levels")
 
 
+def input_spec(info: dict[str, Any]) -> dict[str, Any]:
+    return {"name": INPUT_NAME, "dtype": "float32", "shape": ["N", 1, 28, 28], "range": [0.0, 1.0],
+            "polarity": "MNIST: bright ink (1.0) on a dark background (0.0)",
+            "preprocessing": PREPROCESSING,
+            "normalization": {"mean": info["mean"], "std": info["std"], "applied": "inside the model"}}
+
+
+def output_spec(classes: list[str]) -> dict[str, Any]:
+    return {"name": OUTPUT_NAME, "dtype": "float32", "shape": ["N", len(classes)],
+            "meaning": "unnormalised class scores in the order of model.classes; softmax for probabilities"}
+
+
 def build_manifest(info: dict[str, Any], checkpoint: Path, artifacts: dict[str, Any], parity: dict[str, Any],
-                   reference: list[list[float]]) -> dict[str, Any]:
+                   reference: list[list[float]], extra: dict[str, Any]) -> dict[str, Any]:
+    """`extra`: the optional parts (triton), present only when written."""
     classes = info["classes"]
     return seal({
         "format_version": FORMAT_VERSION,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model": {"name": info["name"], "dataset": info["dataset"], "task": info["task"], "classes": classes,
                   "num_classes": len(classes)},
-        "input": {"name": INPUT_NAME, "dtype": "float32", "shape": ["N", 1, 28, 28], "range": [0.0, 1.0],
-                  "polarity": "MNIST: bright ink (1.0) on a dark background (0.0)",
-                  "preprocessing": PREPROCESSING,
-                  "normalization": {"mean": info["mean"], "std": info["std"], "applied": "inside the model"}},
-        "output": {"name": OUTPUT_NAME, "dtype": "float32", "shape": ["N", len(classes)],
-                   "meaning": "unnormalised class scores in the order of model.classes; softmax for probabilities"},
+        "input": input_spec(info),
+        "output": output_spec(classes),
         "artifacts": artifacts,
         "source": {"checkpoint": str(checkpoint.resolve()), "sha256": sha256_file(checkpoint),
                    "epoch": info["epoch"],
@@ -106,6 +125,7 @@ def build_manifest(info: dict[str, Any], checkpoint: Path, artifacts: dict[str, 
         "versions": versions(),
         "parity": parity,
         "reference": {"seed": PROBE_SEED, "count": PROBE_COUNT, "logits": reference},
+        **extra,
     })
 
 
@@ -144,10 +164,14 @@ def check_recorded_accuracy(info: dict[str, Any], accuracy: float, count: int, f
 
 
 def export_checkpoint(checkpoint: Path, out_dir: Path, data_dir: str | None, batch_sizes: list[int],
-                      atol: float, opset: int, progress: Progress) -> dict[str, Any]:
-    """Everything is built and gated in a staging dir beside out_dir; only a passing export is installed."""
+                      atol: float, opset: int, triton_model: str | None, progress: Progress) -> dict[str, Any]:
+    """Everything is built and gated in a staging dir beside out_dir; only a passing export is installed.
+    `triton_model`: None for no Triton repository, "" for the default model name."""
     old = previous_export(out_dir)
     model, info = load_for_export(checkpoint)
+    name = None if triton_model is None else triton_model or triton.default_name(info["dataset"], info["task"])
+    if name is not None:
+        check_triton_target(out_dir, name, old)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.staging-", dir=out_dir.parent))
     try:
@@ -155,13 +179,27 @@ def export_checkpoint(checkpoint: Path, out_dir: Path, data_dir: str | None, bat
         artifacts = write_artifacts(model, files, opset)
         parity = check_parity(model, files, info, data_dir, batch_sizes, atol,
                               failed="parity gate failed, nothing exported")
+        extra = {}
+        if name is not None:
+            extra["triton"] = triton.write_repository(staging, name, files["onnx"], input_spec(info),
+                                                      output_spec(info["classes"]), info["classes"],
+                                                      max(batch_sizes))
         reference = eager_runtime(model)(probe_images(PROBE_SEED, PROBE_COUNT)).tolist()
-        manifest = build_manifest(info, checkpoint, artifacts, parity, reference)
+        manifest = build_manifest(info, checkpoint, artifacts, parity, reference, extra)
         write_json(staging / MANIFEST, manifest)
         install(staging, out_dir, manifest, old, progress)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return manifest
+
+
+def check_triton_target(out_dir: Path, name: str, old: dict[str, Any] | None) -> None:
+    """A Triton model folder in out_dir may be replaced only when the export there wrote it."""
+    target = out_dir / triton.REPOSITORY / name
+    ours = (old or {}).get("triton", {}).get("name") == name
+    if (target.exists() or target.is_symlink()) and not ours:
+        raise ManifestError(f"--out-dir {out_dir} holds {target}, which no export of this tool wrote: choose another "
+                            f"--triton NAME or another --out-dir")
 
 
 def verify(directory: Path, data_dir: str | None, batch_sizes: list[int], atol: float) -> dict[str, Any]:
@@ -170,6 +208,12 @@ def verify(directory: Path, data_dir: str | None, batch_sizes: list[int], atol: 
     manifest = read_manifest(directory)
     files = {kind: verify_file(directory, manifest, kind) for kind in manifest["artifacts"]}
     print(f"manifest digest and sha256 ok: {', '.join(e['file'] for e in manifest['artifacts'].values())}")
+    if "triton" in manifest:
+        wrong = triton.problems(directory, manifest)
+        if wrong:
+            raise ManifestError(f"the Triton repository: {'; '.join(wrong)}: re-export with --triton")
+        print(f"triton repository ok: {directory / triton.REPOSITORY} (model {manifest['triton']['name']}, "
+              f"max_batch_size {manifest['triton']['max_batch_size']})")
     ref = manifest["reference"]
     images = probe_images(ref["seed"], ref["count"])
     expected = np.asarray(ref["logits"], dtype=np.float32)
@@ -220,7 +264,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, sizes: list[i
             if not args.out_dir:
                 parser.error("--checkpoint needs --out-dir")
             checkpoint, out_dir = Path(args.checkpoint), Path(args.out_dir)
-        manifest = export_checkpoint(checkpoint, out_dir, args.data_dir, sizes, args.atol, args.opset, progress)
+        manifest = export_checkpoint(checkpoint, out_dir, args.data_dir, sizes, args.atol, args.opset, args.triton,
+                                     progress)
     except (CheckpointError, ManifestError, ParityError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -232,6 +277,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, sizes: list[i
         print(f"error: {where}{e.strerror or e}; nothing was exported or changed", file=sys.stderr)
         return 1
     files = ", ".join(f"{e['file']} ({human_size(e['bytes'])})" for e in manifest["artifacts"].values())
+    if "triton" in manifest:
+        files += f", {triton.REPOSITORY}/{manifest['triton']['name']}/"
     print(f"exported {manifest['model']['name']} ({manifest['model']['task']}) to {out_dir}: {files}, {MANIFEST}")
     return 0
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from serve_cli.base.cli import stop_signals_deferred
-from serve_cli.base.manifest import MANIFEST, ManifestError, is_ours, is_plain_name, load_json
+from serve_cli.base.manifest import MANIFEST, ManifestError, is_inside, is_ours, load_json
 
 
 def previous_export(out_dir: Path) -> dict[str, Any] | None:
@@ -53,11 +53,23 @@ def install(staging: Path, out_dir: Path, manifest: dict[str, Any], old: dict[st
         progress.installed = out_dir
 
 
+def installed_files(manifest: Any) -> list[str]:
+    """Every file an export installs but its manifest, relative to the out dir: the artifacts, then the Triton
+    repository's files. A damaged manifest (an old export's) gives the names it still holds."""
+    if not is_ours(manifest):
+        return []
+    artifacts = [e.get("file") for e in manifest["artifacts"].values() if isinstance(e, dict)]
+    repository = manifest.get("triton")
+    files = repository.get("files") if isinstance(repository, dict) else None
+    return [n for n in artifacts + list(files if isinstance(files, dict) else ()) if is_inside(n)]
+
+
 def _install(staging: Path, out_dir: Path, manifest: dict[str, Any], old: dict[str, Any] | None) -> None:
     out_dir.mkdir(exist_ok=True)
-    ours = [entry["file"] for entry in manifest["artifacts"].values()]
+    ours = installed_files(manifest)
     for i, name in enumerate(ours + [MANIFEST]):
         try:
+            (out_dir / name).parent.mkdir(parents=True, exist_ok=True)
             os.replace(staging / name, out_dir / name)
         except OSError as e:
             if i == 0:
@@ -65,8 +77,12 @@ def _install(staging: Path, out_dir: Path, manifest: dict[str, Any], old: dict[s
             raise InstallError(e.errno, f"{out_dir / name}: {e.strerror} after {', '.join(ours[:i])} had been "
                                         f"replaced, while {out_dir / MANIFEST} is the old export's (serve_cli "
                                         f"refuses the dir): export again") from None
-    for entry in (old or {}).get("artifacts", {}).values():
-        name = entry.get("file") if isinstance(entry, dict) else None
-        if is_plain_name(name) and name not in ours + [MANIFEST]:
-            with suppress(OSError):  # the new export is in place; a file it does not list only takes space
-                (out_dir / name).unlink(missing_ok=True)
+    stale = [name for name in installed_files(old) if name not in ours]
+    for name in stale:
+        with suppress(OSError):  # the new export is in place; a file it does not list only takes space
+            (out_dir / name).unlink(missing_ok=True)
+    for name in stale:  # the folders that held them, once empty (a file of someone else's keeps its folder)
+        for folder in Path(name).parents:
+            if folder != Path("."):
+                with suppress(OSError):
+                    (out_dir / folder).rmdir()

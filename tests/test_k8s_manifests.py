@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,8 +18,10 @@ from conftest import ROOT  # noqa: E402
 
 K8S = ROOT / "launch" / "k8s"
 CRDS = {("trainer.kubeflow.org/v1alpha1", "TrainJob"): "trainer.kubeflow.org_trainjobs.yaml",
-        ("kubeflow.org/v1", "PyTorchJob"): "kubeflow.org_pytorchjobs.yaml"}
-MANIFESTS = {"trainjob.yaml": "TrainJob", "pytorchjob.yaml": "PyTorchJob"}
+        ("kubeflow.org/v1", "PyTorchJob"): "kubeflow.org_pytorchjobs.yaml",
+        ("serving.kserve.io/v1beta1", "InferenceService"): "serving.kserve.io_inferenceservices.yaml"}
+MANIFESTS = {"trainjob.yaml": "TrainJob", "pytorchjob.yaml": "PyTorchJob", "inferenceservice.yaml": "InferenceService"}
+TRAINING = ("trainjob.yaml", "pytorchjob.yaml")
 
 
 def strict(schema: Any) -> Any:
@@ -87,6 +90,10 @@ def test_manifest_validates_against_its_crd(name: str) -> None:
     ("pytorchjob.yaml", lambda m: m["spec"]["pytorchReplicaSpecs"]["Worker"].update(replicas="2"),
      "'2' is not of type 'integer'"),
     ("pytorchjob.yaml", lambda m: train_container(m).update(comand=["torchrun"]), "'comand' was unexpected"),
+    ("inferenceservice.yaml", lambda m: m["spec"]["predictor"]["model"]["modelFormat"].pop("name"),
+     "'name' is a required property"),
+    ("inferenceservice.yaml", lambda m: m["spec"]["predictor"]["model"].update(storageURI="pvc://x"),
+     "'storageURI' was unexpected"),
 ])
 def test_a_broken_manifest_fails_validation(name: str, edit, needle: str) -> None:
     manifest = copy.deepcopy(load(name))
@@ -95,7 +102,7 @@ def test_a_broken_manifest_fails_validation(name: str, edit, needle: str) -> Non
     assert any(needle in e for e in errors), errors
 
 
-@pytest.mark.parametrize("name", sorted(MANIFESTS))
+@pytest.mark.parametrize("name", TRAINING)
 def test_the_job_runs_the_images_command_with_flags_the_trainer_takes(name: str) -> None:
     from torch.distributed.run import get_args_parser
     from distributed.config import build_parser
@@ -143,3 +150,21 @@ def test_vendored_crds_say_where_they_came_from() -> None:
         assert path.name in readme
     assert re.findall(r"\b[0-9a-f]{40}\b", readme)
     assert "Apache License" in (K8S / "crds" / "LICENSE").read_text()
+
+
+def test_the_inference_service_serves_the_triton_repository_of_the_trainjobs_export() -> None:
+    """On the Triton runtime (which takes the onnx format), from the PersistentVolumeClaim the TrainJob trains on,
+    at the folder `python -m export --run-dir RUN_DIR --triton` writes."""
+    from export.triton import REPOSITORY
+    model = load("inferenceservice.yaml")["spec"]["predictor"]["model"]
+    runtime = yaml.safe_load((K8S / "crds" / "kserve-tritonserver.yaml").read_text())
+    assert model["runtime"] == runtime["metadata"]["name"]
+    assert model["modelFormat"]["name"] in {f["name"] for f in runtime["spec"]["supportedModelFormats"]}
+    assert model["protocolVersion"] in runtime["spec"]["protocolVersions"]
+    job = load("trainjob.yaml")
+    pod = job["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0][
+        "template"]["spec"]["template"]["spec"]
+    (claim,) = [v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v]
+    args = job["spec"]["trainer"]["args"]
+    run_dir = Path(args[args.index("--run-dir") + 1]).relative_to("/mnt/shared")
+    assert model["storageUri"] == f"pvc://{claim}/{run_dir}/export/{REPOSITORY}"

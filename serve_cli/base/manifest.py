@@ -13,6 +13,8 @@ manifest.json (format_version 2):
   parity     {dataset, training_test_set, count, batch_sizes, atol, passed,
               runtimes {name: {finite, max_abs_diff, top1_agreement, accuracy}}}
   reference  {seed, count, logits}: eager logits on a seeded probe set, for `--verify` without the checkpoint
+  triton     {name, max_batch_size, files {path: {bytes, sha256}}}: the Triton model repository in triton/
+             (export/triton.py), present only when exported with --triton
   created    ISO 8601 time
   digest     sha256 of the canonical JSON of every other field: an edited manifest (class names, their count,
              a file name) is refused like an edited artifact
@@ -97,6 +99,12 @@ def is_plain_name(name: Any) -> bool:
     return isinstance(name, str) and Path(name).name == name and name not in ("", ".", "..")
 
 
+def is_inside(name: Any) -> bool:
+    """A relative path that stays inside the export dir: no `..`, not absolute (the Triton repository's files)."""
+    return (isinstance(name, str) and name not in ("", ".") and not Path(name).is_absolute()
+            and ".." not in Path(name).parts)
+
+
 def read_manifest(directory: str | Path) -> dict[str, Any]:
     directory = Path(directory)
     path = directory / MANIFEST
@@ -130,6 +138,10 @@ def check_consistent(manifest: dict[str, Any], path: Path) -> None:
         name = entry.get("file") if isinstance(entry, dict) else None
         if not is_plain_name(name):
             raise ManifestError(f"{path}: artifact {kind} names {name!r}, which is not a file inside the export dir")
+    triton = manifest.get("triton", {})
+    names = triton.get("files", {}) if isinstance(triton, dict) else None
+    if not isinstance(names, dict) or not all(is_inside(n) and n.startswith("triton/") for n in names):
+        raise ManifestError(f"{path}: its Triton files are not all inside the export dir's triton/")
 
 
 def artifact_path(directory: str | Path, manifest: dict[str, Any], kind: str) -> Path:
