@@ -51,14 +51,14 @@ build_image() {
   for arg in "$@"; do args+=(--build-arg "$arg"); done
   echo "==> building $tag with $TOOL${*:+ ($*)}" >&2
   local rc=0 previous
-  previous=$("$TOOL" images -q "$tag" 2>/dev/null | head -n 1)
+  previous=$("$TOOL" images -q "$tag" 2>/dev/null | head -n 1 || true)  # buildah fails on a tag it lacks
   case $TOOL in
-    buildah) buildah bud "${args[@]}" "$ROOT" || rc=$? ;;  # commits, and so tags, only after its last step
+    buildah) buildah bud --layers --force-rm "${args[@]}" "$ROOT" || rc=$? ;;  # tags only after its last step
     *) "$TOOL" build --force-rm "${args[@]}" "$ROOT" || rc=$? ;;
   esac
   (( rc == 0 )) || die "building $tag failed at the step shown above (exit $rc); $tag was not tagged by this build"
   # The image this build untagged, unless another tag or a container still uses it (rmi without -f refuses).
-  [[ -z $previous || $previous == "$("$TOOL" images -q "$tag" | head -n 1)" ]] \
+  [[ -z $previous || $previous == "$("$TOOL" images -q "$tag" 2>/dev/null | head -n 1 || true)" ]] \
     || "$TOOL" rmi "$previous" >/dev/null 2>&1 || true
 }
 
@@ -67,15 +67,16 @@ image_size() { "$TOOL" images --format '{{.Size}}' "$1" | head -n 1; }
 build_both() {  # BASE (empty: the Dockerfile's default) TORCH_INDEX
   local base=()
   [[ -z $1 ]] || base=("BASE=$1")
-  build_image serve "$SERVE" "${base[@]}"
-  build_image train "$TRAIN" "${base[@]}" ${2:+"TORCH_INDEX=$2"}
+  build_image serve "$SERVE" ${base[@]+"${base[@]}"}
+  build_image train "$TRAIN" ${base[@]+"${base[@]}"} ${2:+"TORCH_INDEX=$2"}
 }
 
 cmd_build() {
   local base="" index=""
   while (( $# )); do
     case $1 in
-      --base) [[ $# -ge 2 && -n $2 ]] || die "--base needs an image, e.g. --base python:3.11-slim"; base=$2; shift 2 ;;
+      --base) [[ $# -ge 2 && -n $2 ]] || die "--base needs an image, e.g. --base docker.io/library/python:3.11-slim"
+              base=$2; shift 2 ;;
       --torch-index) [[ $# -ge 2 && -n $2 ]] || die "--torch-index needs a URL, e.g. https://download.pytorch.org/whl/cu126"
                      index=$2; shift 2 ;;
       *) usage "unknown argument '$1' of build" ;;
@@ -89,11 +90,16 @@ cmd_build() {
 # --- smoke --------------------------------------------------------------------------------------------------
 WORK="" PREFIX="mnist-ddp-smoke-$$" TEMP_IMAGES=()
 
+kill_tree() {  # PID: it and every process below it (a step's timeout, buildah run, torchrun and its workers)
+  local child
+  for child in $(pgrep -P "$1" 2>/dev/null); do kill_tree "$child"; done
+  kill "$1" 2>/dev/null || true
+}
+
 cleanup() {
-  local pids
-  pids=$(jobs -p)
-  [[ -z $pids ]] || { kill $pids 2>/dev/null || true; wait $pids 2>/dev/null || true; }
-  local names
+  local pid names
+  for pid in $(jobs -p); do kill_tree "$pid"; done
+  wait 2>/dev/null || true
   case $TOOL in
     buildah) names=$(buildah containers --format '{{.ContainerName}}' 2>/dev/null | grep "^$PREFIX-" || true)
              [[ -z $names ]] || buildah rm $names >/dev/null 2>&1 || true ;;
@@ -101,7 +107,9 @@ cleanup() {
        [[ -z $names ]] || "$TOOL" rm -f $names >/dev/null 2>&1 || true ;;
   esac
   (( ${#TEMP_IMAGES[@]} == 0 )) || "$TOOL" rmi "${TEMP_IMAGES[@]}" >/dev/null 2>&1 || true
-  [[ -z $WORK ]] || rm -rf "$WORK"
+  if [[ -n $WORK ]] && ! rm -rf --one-file-system "$WORK" 2>/dev/null; then
+    echo "container.sh: warning: could not remove all of $WORK (files of the containers' user): remove it by hand" >&2
+  fi
 }
 
 # A Debian base with python3, made here: for machines that reach Debian's archive but no image registry.
@@ -140,7 +148,7 @@ in_image() {
   [[ ${1:-} != --entrypoint ]] || { entry=("$2"); shift 2; }
   [[ ${1:-} != --cpu ]] || { pin=(taskset -c "$2"); cpuset=(--cpuset-cpus="$2"); shift 2; }
   while [[ ${1:-} == --env ]]; do envs+=(--env "$2"); shift 2; done
-  local mounts=(-v "$WORK/smoke:/smoke" -v "$ROOT/launch:/src/launch:ro")
+  local mounts=(-v "$WORK/smoke:/smoke:z" -v "$ROOT/launch:/src/launch:ro,z")  # z: SELinux relabels them
   case $TOOL in
     buildah)
       # buildah run does not apply the image's entry point: read it from the image, as a runtime would.
@@ -150,11 +158,13 @@ in_image() {
       local rc=0
       # The host's UTS namespace, as docker's --network=host gives: torchrun advertises its hostname, which a
       # container's own name would not resolve to.
-      timeout 600 "${pin[@]}" buildah run --isolation=chroot --uts=host "${envs[@]}" "${mounts[@]}" "$name" -- "${entry[@]}" "$@" || rc=$?
+      timeout --foreground 600 ${pin[@]+"${pin[@]}"} buildah run --isolation="$BUILDAH_ISOLATION" --uts=host \
+        ${envs[@]+"${envs[@]}"} "${mounts[@]}" "$name" -- "${entry[@]}" "$@" || rc=$?
       buildah rm "$name" >/dev/null
       return $rc ;;
     *)
-      timeout 600 "$TOOL" run --rm --name "$name" --network=host --ipc=host "${cpuset[@]}" "${envs[@]}" "${mounts[@]}" \
+      timeout --foreground 600 "$TOOL" run --rm --name "$name" --network=host --ipc=host ${cpuset[@]+"${cpuset[@]}"} \
+        ${envs[@]+"${envs[@]}"} "${mounts[@]}" \
         ${entry:+--entrypoint "${entry[0]}"} "$image" "$@" ;;
   esac
 }
@@ -173,10 +183,11 @@ report() {  # STATUS WHAT STARTED [LOG]
 }
 
 TRAIN_ARGS=(--data-dir /smoke/data --epochs 1 --val-size 64 --device cpu)
+CPUS=()  # two of the CPUs this script may use: the one-node run takes both, each node of the two-node run one
 
 check_train_and_export() {
   local t0=$SECONDS log="$WORK/train.log"
-  if in_image train "$TRAIN" --standalone --nproc-per-node=2 -m distributed.train "${TRAIN_ARGS[@]}" \
+  if in_image train "$TRAIN" --cpu "${CPUS[0]},${CPUS[1]}" --standalone --nproc-per-node=2 -m distributed.train "${TRAIN_ARGS[@]}" \
        --run-dir /smoke/one > "$log" 2>&1 \
      && in_image export "$TRAIN" --entrypoint python -m export --run-dir /smoke/one >> "$log" 2>&1 \
      && in_image verify "$TRAIN" --entrypoint python -m export --verify /smoke/one/export >> "$log" 2>&1; then
@@ -187,13 +198,12 @@ check_train_and_export() {
 }
 
 check_two_nodes() {
-  local t0=$SECONDS port rank pids=() ok=1 cores
+  local t0=$SECONDS port rank pids=() ok=1
   port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-  cores=$(nproc)
-  # Each node on one core, as each of the 2 ranks of the one-node run had one (the trainer splits a node's
-  # cores between its ranks): with the same threads per rank the two runs must end on the same weights, bit for bit.
+  # Each node on one of the one-node run's two CPUs: the trainer splits a node's cores between its ranks, so
+  # every rank has one thread in both runs, and the two runs must end on the same weights, bit for bit.
   for rank in 0 1; do
-    in_image "node$rank" "$TRAIN" --cpu $(( rank % cores )) --env PET_NNODES=2 --env PET_NPROC_PER_NODE=1 \
+    in_image "node$rank" "$TRAIN" --cpu "${CPUS[$rank]}" --env PET_NNODES=2 --env PET_NPROC_PER_NODE=1 \
       --env "PET_NODE_RANK=$rank" --env PET_MASTER_ADDR=127.0.0.1 --env "PET_MASTER_PORT=$port" \
       -m distributed.train "${TRAIN_ARGS[@]}" --run-dir /smoke/two > "$WORK/node$rank.log" 2>&1 &
     pids+=($!)
@@ -218,17 +228,19 @@ EOF
 }
 
 check_serve() {
-  local t0=$SECONDS log="$WORK/serve.log" rows
+  local t0=$SECONDS log="$WORK/serve.log" rows images
   local predict=(predict /src/launch/samples --model /smoke/one/export --format csv)
+  # find_spec: absent (exit 0) is told apart from a container that failed to start (exit 1 or more).
+  local absent='import importlib.util as u, sys; sys.exit(any(u.find_spec(m) for m in ("torch", "distributed")))'
+  images=$(find "$ROOT/launch/samples" -maxdepth 1 -name '*.png' | wc -l)
   if in_image serve "$SERVE" "${predict[@]}" --output /smoke/serve.csv > "$log" 2>&1 \
      && in_image serve-in-train "$TRAIN" --entrypoint serve_cli "${predict[@]}" --output /smoke/train.csv >> "$log" 2>&1 \
      && cmp "$WORK/smoke/serve.csv" "$WORK/smoke/train.csv" >> "$log" 2>&1 \
-     && ! in_image no-torch "$SERVE" --entrypoint python -c 'import torch' >> "$log" 2>&1 \
-     && ! in_image no-trainer "$SERVE" --entrypoint python -c 'import distributed.train' >> "$log" 2>&1; then
-    rows=$(( $(wc -l < "$WORK/smoke/serve.csv") - 1 ))
-    report PASS "$SERVE predicts launch/samples ($rows rows) as $TRAIN does; torch and the trainer do not import there" $t0
+     && rows=$(( $(wc -l < "$WORK/smoke/serve.csv") - 1 )) && (( rows == images )) \
+     && in_image no-torch "$SERVE" --entrypoint python -c "$absent" >> "$log" 2>&1; then
+    report PASS "$SERVE predicts launch/samples ($rows rows) as $TRAIN does; neither torch nor the trainer is installed there" $t0
   else
-    report FAIL "$SERVE predicts launch/samples as $TRAIN does, without torch" $t0 "$log"
+    report FAIL "$SERVE predicts launch/samples ($images images) as $TRAIN does, without torch" $t0 "$log"
   fi
 }
 
@@ -248,6 +260,7 @@ cmd_smoke() {
   mkdir -p "$WORK/base" "$WORK/smoke"
   chmod 777 "$WORK/smoke"  # the images run as their own non-root user
   local start=$SECONDS
+  read -ra CPUS <<< "$(python3 -c 'import os; c = sorted(os.sched_getaffinity(0)); print(c[0], c[-1])')"
   if [[ -z $BASE ]]; then
     if timeout 120 "$TOOL" pull -q "$DEFAULT_BASE" >/dev/null 2>&1; then BASE=$DEFAULT_BASE; else local_base; fi
   fi

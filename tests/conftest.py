@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "launch"))  # the synthetic data is also what launch/container.sh smoke trains on
+sys.path.append(str(ROOT / "launch"))  # the synthetic data is also what launch/container.sh smoke trains on
 from synthetic_mnist import synthetic_digits, write_idx, write_synthetic_mnist  # noqa: E402,F401
 
 MNIST_GZ = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",

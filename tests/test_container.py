@@ -59,8 +59,10 @@ def test_an_unknown_container_tool_is_refused() -> None:
 
 
 def image_ids(tool: str) -> str:
-    return subprocess.run([tool, "images", "--format", "{{.Repository}}:{{.Tag}} {{.ID}}"], capture_output=True,
-                          text=True, timeout=60).stdout
+    proc = subprocess.run([tool, "images", "--format", "{{.Name}}:{{.Tag}} {{.ID}}"], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
 
 
 @pytest.mark.skipif(not shutil.which("buildah"), reason="needs buildah (.ci/run installs it)")
@@ -84,3 +86,6 @@ def test_the_serve_extra_is_what_the_project_itself_requires() -> None:
     serve = project["optional-dependencies"]["serve"]
     assert serve and set(serve) <= set(project["dependencies"])
     assert not [r for r in serve if r.split(">")[0].split("=")[0] in ("torch", "torchvision", "onnx", "onnxscript")]
+    dockerfile = (ROOT / "launch" / "Dockerfile").read_text()
+    serve_stage = dockerfile[dockerfile.index(" AS serve"):dockerfile.index(" AS train")]
+    assert '["optional-dependencies"]["serve"]' in serve_stage and "/tmp/src" not in serve_stage

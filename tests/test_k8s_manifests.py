@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,12 @@ def train_container(manifest: dict) -> dict:
     return container
 
 
+def pod_of_patch(trainjob: dict) -> dict:
+    (patch,) = trainjob["spec"]["runtimePatches"]
+    (patched_job,) = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
+    return patched_job["template"]["spec"]["template"]["spec"]
+
+
 def image_default_command(target: str = "train") -> list[str]:
     """ENTRYPOINT + CMD of one stage of launch/Dockerfile (exec form), what `docker run IMAGE` runs."""
     stage, found = None, {}
@@ -110,8 +117,16 @@ def test_the_job_runs_the_images_command_with_flags_the_trainer_takes(name: str)
     entrypoint, *cmd = image_default_command()
     assert container["command"] == [entrypoint]
     assert re.fullmatch(r"\S+/mnist-ddp:train", container["image"]), "the image container.sh builds, pushed"
-    launcher = get_args_parser().parse_args(container["args"])  # torchrun's own parser
+    with pytest.MonkeyPatch.context() as patch:  # torchrun's defaults, not this machine's PET_* (if any)
+        for name in [v for v in os.environ if v.startswith("PET_")]:
+            patch.delenv(name)
+        launcher = get_args_parser().parse_args(container["args"])  # torchrun's own parser
+        defaults = get_args_parser().parse_args(cmd)
     assert ["-m" if launcher.module else "", launcher.training_script] == cmd
+    # The rendezvous is the operator's (the PET_* it sets): the job's args must leave torchrun's flags for it alone.
+    for flag in ("nnodes", "node_rank", "master_addr", "master_port", "rdzv_backend", "rdzv_endpoint", "rdzv_id",
+                 "standalone", "max_restarts"):
+        assert getattr(launcher, flag) == getattr(defaults, flag), flag
     build_parser().parse_args(launcher.training_script_args)  # exits (2) on a flag the trainer does not know
 
 
@@ -121,13 +136,14 @@ def test_trainjob_leaves_the_rendezvous_to_the_operator() -> None:
     job = load("trainjob.yaml")
     trainer = job["spec"]["trainer"]
     assert not [e for e in trainer.get("env", []) if e["name"].startswith("PET_")]
+    assert not [c for c in pod_of_patch(job)["containers"] if "env" in c], "the webhook refuses env for `node`"
     runtime = yaml.safe_load((K8S / "crds" / "torch_distributed.yaml").read_text())
     assert job["spec"]["runtimeRef"]["name"] == runtime["metadata"]["name"] == "torch-distributed"
     (node_job,) = runtime["spec"]["template"]["spec"]["replicatedJobs"]
     runtime_containers = {c["name"] for c in node_job["template"]["spec"]["template"]["spec"]["containers"]}
     (patch,) = job["spec"]["runtimePatches"]
     (patched_job,) = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
-    pod = patched_job["template"]["spec"]["template"]["spec"]
+    pod = pod_of_patch(job)
     assert patched_job["name"] == node_job["name"]
     assert {c["name"] for c in pod["containers"]} <= runtime_containers
     assert trainer["numProcPerNode"] == trainer["resourcesPerNode"]["limits"]["nvidia.com/gpu"]
@@ -162,8 +178,7 @@ def test_the_inference_service_serves_the_triton_repository_of_the_trainjobs_exp
     assert model["modelFormat"]["name"] in {f["name"] for f in runtime["spec"]["supportedModelFormats"]}
     assert model["protocolVersion"] in runtime["spec"]["protocolVersions"]
     job = load("trainjob.yaml")
-    pod = job["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0][
-        "template"]["spec"]["template"]["spec"]
+    pod = pod_of_patch(job)
     (claim,) = [v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v]
     args = job["spec"]["trainer"]["args"]
     run_dir = Path(args[args.index("--run-dir") + 1]).relative_to("/mnt/shared")

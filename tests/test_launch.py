@@ -201,25 +201,31 @@ def test_two_nodes_on_one_machine(synthetic_data, tmp_path: Path) -> None:
 
 def test_slurm_sbatch_runs_the_train_image_through_pyxis(synthetic_data, tmp_path: Path) -> None:
     """CONTAINER_IMAGE=... sbatch launch/slurm.sbatch: there is no pyxis here, so a stand-in srun records its own
-    options and runs the rest on this machine, as pyxis would inside the image (whose PATH has torchrun)."""
+    options and the program it was given, then runs that on this machine, as pyxis would inside the image
+    (whose PATH has torchrun). No venv is set up: the image has everything."""
     bin_dir, recorded = tmp_path / "bin", tmp_path / "srun-options"
     bin_dir.mkdir()
     (bin_dir / "srun").write_text('#!/usr/bin/env bash\nwhile [[ $1 == --* ]]; do echo "$1" >> "$SRUN_OPTIONS"; '
-                                  'shift; done\nexec "$@"\n')
+                                  'shift; done\necho "program $1" >> "$SRUN_OPTIONS"\nexec "$@"\n')
     (bin_dir / "scontrol").write_text("#!/usr/bin/env bash\necho 127.0.0.1\n")
     for tool in ("srun", "scontrol"):
         (bin_dir / tool).chmod(0o755)
+    run_dir = tmp_path / "shared" / "run"
     env = script_env(CONTAINER_IMAGE="registry.example.com#mnist-ddp:train", SRUN_OPTIONS=str(recorded),
                      SLURM_SUBMIT_DIR=str(ROOT), SLURM_JOB_NODELIST="node0", SLURM_JOB_NUM_NODES="1",
                      SLURM_GPUS_ON_NODE="2", SLURM_JOB_ID="42", SLURM_JOB_NAME="mnist-ddp", RDZV_PORT=str(free_port()),
-                     RUN_DIR=str(tmp_path / "run"), DATA_DIR=str(synthetic_data))
+                     RUN_DIR=str(run_dir), DATA_DIR=str(synthetic_data), VENV=str(tmp_path / "no-venv"))
+    env.pop("SKIP_SETUP")  # a setup.sh the container branch ran would build a venv in VENV
     env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
-    proc = subprocess.run(["bash", str(ROOT / "launch" / "slurm.sbatch"), "--val-size", "64", "--epochs", "1", "--device", "cpu"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(["bash", str(ROOT / "launch" / "slurm.sbatch"), "--val-size", "64", "--epochs", "1",
+                           "--device", "cpu"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert recorded.read_text().split() == ["--kill-on-bad-exit=1", "--container-image=registry.example.com#mnist-ddp:train",
-                                            f"--container-mounts={ROOT}:/work", "--container-workdir=/work"]
-    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert recorded.read_text().splitlines() == [
+        "--kill-on-bad-exit=1", "--container-image=registry.example.com#mnist-ddp:train",
+        f"--container-mounts={ROOT}:/work,{run_dir}:{run_dir},{synthetic_data}:{synthetic_data}",
+        "--container-workdir=/work", "program torchrun"]
+    assert not (tmp_path / "no-venv").exists()
+    metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and len(set(metrics["replica_weight_sha256"])) == 1
 
 
