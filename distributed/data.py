@@ -145,6 +145,13 @@ def random_affine(x: torch.Tensor, degrees: float = 10.0, scale: float = 0.1, sh
     return torch.nn.functional.grid_sample(x, grid, align_corners=False, padding_mode="zeros")
 
 
+def split_indices(n: int, val_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(validation, training) indices into a training split of n images: a seeded permutation's first val_size
+    images validate, the rest train (export's int8 calibration reads the same training images)."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return perm[:val_size], perm[val_size:]
+
+
 def load_splits(root: str | Path, task: Task, val_size: int, seed: int, device: torch.device,
                 dataset: str = "mnist") -> tuple[Split, Split, Split, list[str]]:
     """(train, val, test, notes) on `device`; val is a seeded slice of the training split, never the test
@@ -152,8 +159,7 @@ def load_splits(root: str | Path, task: Task, val_size: int, seed: int, device: 
     train_x, train_d, test_x, test_d, notes = read_dataset(root, dataset)
     if not 0 <= val_size < len(train_d):
         raise DataError(f"--val-size {val_size} must be in [0, {len(train_d) - 1}]")
-    perm = torch.randperm(len(train_d), generator=torch.Generator().manual_seed(seed))
-    val_idx, train_idx = perm[:val_size], perm[val_size:]
+    val_idx, train_idx = split_indices(len(train_d), val_size, seed)
     mean, std = normalization_of(train_x)
     full = Split(train_x.to(device), task.map_labels(train_d.to(device)), mean, std)
     test = Split(test_x.to(device), task.map_labels(test_d.to(device)), mean, std)

@@ -15,7 +15,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnx
 import onnxruntime
 import torch
@@ -25,17 +24,19 @@ from distributed.datasets import folder_path
 from distributed.run_dir import CHECKPOINT_DIR
 from serve_cli.base.cli import NON_NEGATIVE, DefaultsHelpFormatter, Stopped, number_in, path_text, stop_signals_raise
 from serve_cli.base.files import write_json
-from serve_cli.base.manifest import (FORMAT_VERSION, FORMATS, INPUT_NAME, MANIFEST, OUTPUT_NAME, ManifestError,
-                                file_entry, probe_images, read_manifest, seal, sha256_file, verify_file)
+from serve_cli.base.manifest import (FORMAT_VERSION, FORMATS, INPUT_NAME, INT8_PROBE_TOLERANCE, MANIFEST, OUTPUT_NAME,
+                                ManifestError, file_entry, probe_images, probe_reference, read_manifest, seal,
+                                sha256_file, verify_file)
 
 from .formats import MAX_BATCH, WRITERS
 from .install import InstallError, Progress, install, previous_export
-from .parity import (ParityError, compare, eager_runtime, failures, format_report, load_runtimes, parity_report,
-                     parity_set)
-from . import triton
+from .parity import (ParityError, ParitySet, compare, eager_runtime, failures, format_report, load_onnx, load_runtimes,
+                     parity_report, parity_set, run_batched, runtime_result)
+from . import quantize, triton
 from .wrap import load_for_export
 
 DEFAULT_OPSET = 20
+INT8 = next(kind for kind, fmt in FORMATS.items() if fmt.quantized)
 PROBE_SEED, PROBE_COUNT = 0, 16
 
 
@@ -105,7 +106,7 @@ def output_spec(classes: list[str]) -> dict[str, Any]:
 
 
 def build_manifest(info: dict[str, Any], checkpoint: Path, artifacts: dict[str, Any], parity: dict[str, Any],
-                   reference: list[list[float]], extra: dict[str, Any]) -> dict[str, Any]:
+                   reference: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     """`extra`: the optional parts (triton), present only when written."""
     classes = info["classes"]
     return seal({
@@ -124,7 +125,7 @@ def build_manifest(info: dict[str, Any], checkpoint: Path, artifacts: dict[str, 
                    "training": info["training"]},
         "versions": versions(),
         "parity": parity,
-        "reference": {"seed": PROBE_SEED, "count": PROBE_COUNT, "logits": reference},
+        "reference": reference,
         **extra,
     })
 
@@ -134,14 +135,17 @@ def write_artifacts(model: Any, files: dict[str, Path], opset: int) -> dict[str,
     return {kind: file_entry(path, **WRITERS[kind](model, path, opset)) for kind, path in files.items()}
 
 
-def check_parity(model: Any, files: dict[str, Path], info: dict[str, Any], data_dir: str | None,
-                 batch_sizes: list[int], atol: float, failed: str) -> dict[str, Any]:
-    """The gate: every artifact file against the eager model; prints the table, raises ParityError starting
-    with `failed` when any runtime is off, or when the eager model does not score what the checkpoint
-    recorded on the very test split the run was scored on (its weights are then not the ones it was saved with)."""
+def parity_data(info: dict[str, Any], data_dir: str | None) -> ParitySet:
     # A folder dataset's images are in its folder:PATH; the others' under the trainer's --data-dir.
     default = None if folder_path(info["dataset"]) is not None else info["data_dir"]
-    data = parity_set(data_dir or default, info["dataset"], info["task"], info["classes"])
+    return parity_set(data_dir or default, info["dataset"], info["task"], info["classes"])
+
+
+def check_parity(model: Any, files: dict[str, Path], info: dict[str, Any], data: ParitySet,
+                 batch_sizes: list[int], atol: float, failed: str) -> dict[str, Any]:
+    """The gate: every fp32 artifact file against the eager model; prints the table, raises ParityError starting
+    with `failed` when any runtime is off, or when the eager model does not score what the checkpoint
+    recorded on the very test split the run was scored on (its weights are then not the ones it was saved with)."""
     report = parity_report(eager_runtime(model), load_runtimes(files), data.images, data.labels, batch_sizes, atol)
     print(f"parity on {data.described}, batch sizes {batch_sizes}:")
     print(format_report(report))
@@ -175,16 +179,27 @@ def export_checkpoint(checkpoint: Path, out_dir: Path, data_dir: str | None, bat
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.staging-", dir=out_dir.parent))
     try:
-        files = {kind: staging / fmt.file for kind, fmt in FORMATS.items()}
+        files = {kind: staging / fmt.file for kind, fmt in FORMATS.items() if not fmt.quantized}
         artifacts = write_artifacts(model, files, opset)
-        parity = check_parity(model, files, info, data_dir, batch_sizes, atol,
+        data = parity_data(info, data_dir)
+        parity = check_parity(model, files, info, data, batch_sizes, atol,
                               failed="parity gate failed, nothing exported")
+        probes = probe_images(PROBE_SEED, PROBE_COUNT)
+        reference = {"seed": PROBE_SEED, "count": PROBE_COUNT, "logits": eager_runtime(model)(probes).tolist()}
+        int8_file = staging / FORMATS[INT8].file
+        fp32_accuracy = parity["runtimes"]["eager"]["accuracy"]
+        parity["int8"], int8_notes = quantize.int8_artifact(
+            files["onnx"], int8_file, info, data_dir, data, run_batched(eager_runtime(model), data.images,
+                                                                        max(batch_sizes)), fp32_accuracy, batch_sizes)
+        print(quantize.int8_line(parity["int8"], fp32_accuracy))
+        if int8_notes is not None:
+            artifacts[INT8] = file_entry(int8_file, **int8_notes)
+            reference["int8_logits"] = load_onnx(int8_file)(probes).tolist()
         extra = {}
         if name is not None:
             extra["triton"] = triton.write_repository(staging, name, files["onnx"], input_spec(info),
                                                       output_spec(info["classes"]), info["classes"],
                                                       max(batch_sizes))
-        reference = eager_runtime(model)(probe_images(PROBE_SEED, PROBE_COUNT)).tolist()
         manifest = build_manifest(info, checkpoint, artifacts, parity, reference, extra)
         write_json(staging / MANIFEST, manifest)
         install(staging, out_dir, manifest, old, progress)
@@ -216,17 +231,32 @@ def verify(directory: Path, data_dir: str | None, batch_sizes: list[int], atol: 
               f"max_batch_size {manifest['triton']['max_batch_size']})")
     ref = manifest["reference"]
     images = probe_images(ref["seed"], ref["count"])
-    expected = np.asarray(ref["logits"], dtype=np.float32)
-    probe = {"count": ref["count"], "atol": atol, "runtimes": {
-        name: compare(expected, runtime(images), None) for name, runtime in load_runtimes(files).items()}}
-    if failures(probe):
-        raise ParityError(f"{directory}: artifacts disagree with the recorded eager logits: "
-                          + "; ".join(failures(probe)))
-    print(f"reference logits ok ({ref['count']} probe images, atol {atol:g})")
+    wrong = []
+    for kind, runtime in zip(files, load_runtimes(files).values()):
+        expected, tolerance = probe_reference(manifest, kind, atol)
+        got = compare(expected, runtime(images), None)
+        if not got["finite"] or not got["max_abs_diff"] <= tolerance or (
+                got["top1_agreement"] < 1 and not FORMATS[kind].quantized):
+            wrong.append(f"{FORMATS[kind].runtime}: max |logit diff| {got['max_abs_diff']:.3g} (allowed "
+                         f"{tolerance:.3g}), top-1 agreement {got['top1_agreement']:.2%}")
+    if wrong:
+        raise ParityError(f"{directory}: artifacts disagree with the logits recorded at export: " + "; ".join(wrong))
+    print(f"reference logits ok ({ref['count']} probe images, atol {atol:g}"
+          + (f"; int8 within {INT8_PROBE_TOLERANCE:.0%} of its own" if INT8 in files else "") + ")")
     source = Path(manifest["source"]["checkpoint"])
     if source.is_file() and sha256_file(source) == manifest["source"]["sha256"]:
         model, info = load_for_export(source)
-        check_parity(model, files, info, data_dir, batch_sizes, atol, failed=f"{directory}: parity gate failed")
+        data = parity_data(info, data_dir)
+        fp32 = {kind: path for kind, path in files.items() if not FORMATS[kind].quantized}
+        parity = check_parity(model, fp32, info, data, batch_sizes, atol, failed=f"{directory}: parity gate failed")
+        if INT8 in files:
+            reference = run_batched(eager_runtime(model), data.images, max(batch_sizes))
+            result = runtime_result(reference, load_onnx(files[INT8]), data.images, data.labels, batch_sizes)
+            why = quantize.gate(result, parity["runtimes"]["eager"]["accuracy"])
+            if why is not None:
+                raise ParityError(f"{directory}: {files[INT8].name} fails its gate: {why}")
+            print(quantize.int8_line({"passed": True, "onnxruntime_int8": result},
+                                     parity["runtimes"]["eager"]["accuracy"]))
     else:
         print(f"source checkpoint {source} not available: full parity not rerun")
     return manifest

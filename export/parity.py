@@ -52,7 +52,8 @@ def load_onnx(path: Path) -> Runner:
 
 # serve_cli.base.manifest.FORMATS' loaders for the gate and --verify: path -> images-to-logits
 LOADERS: dict[str, Callable[[Path], Runner]] = {
-    "torchscript": load_torchscript, "exported_program": load_exported_program, "onnx": load_onnx}
+    "torchscript": load_torchscript, "exported_program": load_exported_program, "onnx": load_onnx,
+    "onnx_int8": load_onnx}
 
 
 def load_runtimes(files: dict[str, Path]) -> dict[str, Runner]:
@@ -135,20 +136,23 @@ def compare(reference: np.ndarray, logits: np.ndarray, labels: np.ndarray | None
 def parity_report(reference: Runner, runtimes: dict[str, Runner], images: np.ndarray,
                   labels: np.ndarray | None, batch_sizes: list[int], atol: float) -> dict[str, Any]:
     """Reference logits at the largest batch size; each runtime's worst case over all batch sizes."""
-    largest = max(batch_sizes)
-    ref = run_batched(reference, images, largest)
-    results: dict[str, Any] = {}
-    for name, runtime in {"eager": reference, **runtimes}.items():
-        per_size = [compare(ref, ref if runtime is reference and bs == largest else run_batched(runtime, images, bs),
-                            labels) for bs in batch_sizes]
-        results[name] = {
-            "finite": all(r["finite"] for r in per_size),
-            "max_abs_diff": max((r["max_abs_diff"] for r in per_size), key=lambda d: np.inf if np.isnan(d) else d),
-            "top1_agreement": min(r["top1_agreement"] for r in per_size),
-            "accuracy": per_size[-1]["accuracy"],
-        }
+    ref = run_batched(reference, images, max(batch_sizes))
+    results = {name: runtime_result(ref, runtime, images, labels, batch_sizes)
+               for name, runtime in {"eager": reference, **runtimes}.items()}
     report = {"count": len(images), "batch_sizes": batch_sizes, "atol": atol, "runtimes": results}
     return {**report, "passed": not failures(report)}
+
+
+def runtime_result(ref: np.ndarray, runtime: Runner, images: np.ndarray, labels: np.ndarray | None,
+                   batch_sizes: list[int]) -> dict[str, Any]:
+    """One runtime against the reference logits `ref`: its worst case over the batch sizes."""
+    per_size = [compare(ref, run_batched(runtime, images, bs), labels) for bs in batch_sizes]
+    return {
+        "finite": all(r["finite"] for r in per_size),
+        "max_abs_diff": max((r["max_abs_diff"] for r in per_size), key=lambda d: np.inf if np.isnan(d) else d),
+        "top1_agreement": min(r["top1_agreement"] for r in per_size),
+        "accuracy": per_size[-1]["accuracy"],
+    }
 
 
 def failures(report: dict[str, Any]) -> list[str]:

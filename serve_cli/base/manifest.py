@@ -6,13 +6,16 @@ manifest.json (format_version 2):
   model      {name, dataset (absent before format 2 had it: mnist), task, classes (output order), num_classes}
   input      {name, dtype, shape (["N", 1, 28, 28]), range, polarity, preprocessing, normalization {mean, std, applied}}
   output     {name, dtype, shape (["N", C]), meaning}
-  artifacts  {artifact kind: {file, bytes, sha256, ...}} for onnx, torchscript, exported_program
+  artifacts  {artifact kind: {file, bytes, sha256, ...}} for onnx, torchscript, exported_program, and onnx_int8
+             when it passed its gate (with calibration, quantization)
   source     {checkpoint, sha256, epoch, test_accuracy, val_accuracy, training (the run's flags but paths and
               logging, global_batch_size included, and world_size; absent in manifests written before it)}
   versions   {torch, onnx, onnxruntime, python}
   parity     {dataset, training_test_set, count, batch_sizes, atol, passed,
-              runtimes {name: {finite, max_abs_diff, top1_agreement, accuracy}}}
-  reference  {seed, count, logits}: eager logits on a seeded probe set, for `--verify` without the checkpoint
+              runtimes {name: {finite, max_abs_diff, top1_agreement, accuracy}},
+              int8 {max_accuracy_drop, min_top1_agreement, passed, why (when not), onnxruntime_int8 (its results)}}
+  reference  {seed, count, logits, int8_logits (with onnx_int8)}: eager logits (and the int8 model's) on a seeded
+             probe set, for `--verify` without the checkpoint
   triton     {name, max_batch_size, files {path: {bytes, sha256}}}: the Triton model repository in triton/
              (export/triton.py), present only when exported with --triton
   created    ISO 8601 time
@@ -44,6 +47,9 @@ class ArtifactFormat:
     file: str  # its file in the export dir
     runtime: str  # what runs it, in the parity gate and --verify and, where served, in serve_cli
     served: bool  # whether serve_cli --runtime can run it
+    # int8: made from the gated onnx artifact, held to an accuracy gate instead of --atol (export/quantize.py),
+    # and present only when it passed that gate
+    quantized: bool = False
 
 
 # The one table of artifact formats, in the order they are written and gated. A new format is a row here, its
@@ -53,7 +59,21 @@ FORMATS = {
     "torchscript": ArtifactFormat("model.ts", "torchscript", served=True),
     "exported_program": ArtifactFormat("model.pt2", "exported_program", served=False),
     "onnx": ArtifactFormat("model.onnx", "onnxruntime", served=True),
+    "onnx_int8": ArtifactFormat("model.int8.onnx", "onnxruntime_int8", served=True, quantized=True),
 }
+# How far an int8 model's probe logits may be from those recorded at export, as a fraction of their largest
+# magnitude: another CPU's int8 kernels may round an activation to the next step, which fp32's --atol forbids.
+INT8_PROBE_TOLERANCE = 0.02
+
+
+def probe_reference(manifest: dict[str, Any], kind: str, atol: float) -> tuple[np.ndarray, float]:
+    """The probe logits an artifact must give (eager fp32's, or an int8 model's own) and the tolerance."""
+    ref = manifest["reference"]
+    if FORMATS[kind].quantized:
+        recorded = np.asarray(ref["int8_logits"], dtype=np.float32)
+        return recorded, INT8_PROBE_TOLERANCE * float(np.abs(recorded).max())
+    return np.asarray(ref["logits"], dtype=np.float32), atol
+
 
 
 class ManifestError(RuntimeError):
@@ -131,7 +151,10 @@ def check_consistent(manifest: dict[str, Any], path: Path) -> None:
     model, classes = manifest["model"], manifest["model"].get("classes")
     width = len(classes) if isinstance(classes, list) else -1
     if (width < 1 or model.get("num_classes") != width or manifest["output"].get("shape") != ["N", width]
-            or any(len(row) != width for row in manifest["reference"]["logits"])):
+            or any(len(row) != width for row in manifest["reference"]["logits"])
+            or any(len(row) != width for row in manifest["reference"].get("int8_logits", []))
+            or any(fmt.quantized and kind in manifest["artifacts"] and "int8_logits" not in manifest["reference"]
+                   for kind, fmt in FORMATS.items())):
         raise ManifestError(f"{path}: the class list, num_classes, the output shape and the reference logits "
                             f"disagree: re-export with python -m export")
     for kind, entry in manifest["artifacts"].items():
