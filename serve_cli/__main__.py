@@ -197,6 +197,13 @@ def describe(directory: Path, m: dict) -> str:
             acc = f"  accuracy {r['accuracy']:.2%}" if r.get("accuracy") is not None else ""
             lines.append(f"           {name:<17} max |diff| {r['max_abs_diff']:.1e}  top-1 agree "
                          f"{r['top1_agreement']:.2%}{acc}")
+    int8 = parity.get("int8")
+    if int8:
+        r = int8.get("onnxruntime_int8")
+        numbers = (f": accuracy {r['accuracy']:.2%}, top-1 agree {r['top1_agreement']:.2%}, max |diff| "
+                   f"{r['max_abs_diff']:.2g} (its gate: accuracy within {int8['max_accuracy_drop'] * 100:.1f} points "
+                   f"of eager, top-1 agreement {int8['min_top1_agreement']:.0%})") if int8["passed"] and r else ""
+        lines.append(f"int8       {'passed' if int8['passed'] else 'not exported: ' + int8['why']}{numbers}")
     versions = ", ".join(f"{k} {v}" for k, v in m.get("versions", {}).items())
     lines.append(f"created    {m.get('created', '?')} with {versions}")
     return "\n".join(lines)
