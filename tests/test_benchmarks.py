@@ -1,6 +1,7 @@
 """Each benchmark script, run for real on tiny data (not --help): a script that no longer runs fails here."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +23,12 @@ def test_serve_speed(exported_run: Path, synthetic_data: Path) -> None:
     out = bench("benchmarks/serve_speed.py", "--data-dir", str(synthetic_data), "--model", str(exported_run),
                 "--repeat", "1", "--limit", "40")
     assert "40 MNIST test images as PNG" in out
-    assert len([line for line in out.splitlines() if line.startswith("| ") and "images/s" not in line]) == 6
+    table, profile = out.split("Where the time goes")
+    paths = [line for line in table.splitlines() if line.startswith("| ") and "images/s" not in line]
+    int8 = json.loads((exported_run / "manifest.json").read_text())["parity"]["int8"]["passed"]
+    assert len(paths) == 3 + int8 and paths[-1].startswith("| naive loop")
+    stages = [line for line in profile.splitlines() if line.startswith("| ") and not line.startswith("| stage")]
+    assert len(stages) == 9 and all(float(line.split("|")[2]) > 0 for line in stages), profile
 
 
 def test_flops() -> None:

@@ -76,7 +76,7 @@ def _walk(top: Path, recursive: bool, seen: set[tuple[int, int]]) -> Iterator[Pa
             listings.pop()
         elif _is_dir(entry):
             folder = Path(entry.path) if recursive else None
-        elif Path(entry.name).suffix.lower() in IMAGE_SUFFIXES:
+        elif os.path.splitext(entry.name)[1].lower() in IMAGE_SUFFIXES:  # Path(name).suffix, without a Path
             yield Path(entry.path)
 
 
