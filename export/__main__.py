@@ -175,7 +175,7 @@ def export_checkpoint(checkpoint: Path, out_dir: Path, data_dir: str | None, bat
     model, info = load_for_export(checkpoint)
     name = None if triton_model is None else triton_model or triton.default_name(info["dataset"], info["task"])
     if name is not None:
-        check_triton_target(out_dir, name, old)
+        check_triton_target(out_dir, name, old, info["classes"])
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.staging-", dir=out_dir.parent))
     try:
@@ -199,7 +199,7 @@ def export_checkpoint(checkpoint: Path, out_dir: Path, data_dir: str | None, bat
         if name is not None:
             extra["triton"] = triton.write_repository(staging, name, files["onnx"], input_spec(info),
                                                       output_spec(info["classes"]), info["classes"],
-                                                      max(batch_sizes))
+                                                      min(max(batch_sizes), len(data.images)))
         manifest = build_manifest(info, checkpoint, artifacts, parity, reference, extra)
         write_json(staging / MANIFEST, manifest)
         install(staging, out_dir, manifest, old, progress)
@@ -208,13 +208,24 @@ def export_checkpoint(checkpoint: Path, out_dir: Path, data_dir: str | None, bat
     return manifest
 
 
-def check_triton_target(out_dir: Path, name: str, old: dict[str, Any] | None) -> None:
-    """A Triton model folder in out_dir may be replaced only when the export there wrote it."""
+def check_triton_target(out_dir: Path, name: str, old: dict[str, Any] | None, classes: list[str]) -> None:
+    """A Triton model folder in out_dir may be replaced only when the export there wrote it and nobody has
+    changed its files since (a config.pbtxt edited by hand is the user's)."""
+    try:
+        triton.labels_text(classes)
+    except ValueError as e:
+        raise ManifestError(f"--triton: {e}; rename that class") from None
     target = out_dir / triton.REPOSITORY / name
-    ours = (old or {}).get("triton", {}).get("name") == name
+    previous = (old or {}).get("triton")
+    ours = isinstance(previous, dict) and previous.get("name") == name and isinstance(previous.get("files"), dict)
     if (target.exists() or target.is_symlink()) and not ours:
         raise ManifestError(f"--out-dir {out_dir} holds {target}, which no export of this tool wrote: choose another "
                             f"--triton NAME or another --out-dir")
+    for rel, entry in (previous["files"].items() if ours else ()):
+        path = out_dir / rel
+        if path.is_file() and isinstance(entry, dict) and sha256_file(path) != entry.get("sha256"):
+            raise ManifestError(f"{path} was changed after the export that wrote it: move it away, or choose another "
+                                f"--triton NAME or another --out-dir")
 
 
 def verify(directory: Path, data_dir: str | None, batch_sizes: list[int], atol: float) -> dict[str, Any]:
@@ -249,7 +260,9 @@ def verify(directory: Path, data_dir: str | None, batch_sizes: list[int], atol: 
         data = parity_data(info, data_dir)
         fp32 = {kind: path for kind, path in files.items() if not FORMATS[kind].quantized}
         parity = check_parity(model, fp32, info, data, batch_sizes, atol, failed=f"{directory}: parity gate failed")
-        if INT8 in files:
+        if INT8 in files and data.labels is None:
+            print(f"int8: its gate not rerun: {data.described} has no labels to score it on")
+        elif INT8 in files:
             reference = run_batched(eager_runtime(model), data.images, max(batch_sizes))
             result = runtime_result(reference, load_onnx(files[INT8]), data.images, data.labels, batch_sizes)
             why = quantize.gate(result, parity["runtimes"]["eager"]["accuracy"])

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from serve_cli.base.cli import stop_signals_deferred
-from serve_cli.base.manifest import MANIFEST, ManifestError, is_inside, is_ours, load_json
+from serve_cli.base.manifest import MANIFEST, ManifestError, is_ours, is_plain_name, load_json
 
 
 def previous_export(out_dir: Path) -> dict[str, Any] | None:
@@ -54,14 +54,23 @@ def install(staging: Path, out_dir: Path, manifest: dict[str, Any], old: dict[st
 
 
 def installed_files(manifest: Any) -> list[str]:
-    """Every file an export installs but its manifest, relative to the out dir: the artifacts, then the Triton
-    repository's files. A damaged manifest (an old export's) gives the names it still holds."""
+    """Every file an export installs but its manifest, relative to the out dir: the artifacts (plain names), then
+    the Triton repository's files (exactly those of export/triton.py's layout for its model name). A damaged
+    manifest (an old export's) gives only the names that pass those rules: nothing else is ever ours to remove."""
+    from .triton import check_name, paths  # here: triton imports nothing of install, but keep the stack one-way
+
     if not is_ours(manifest):
         return []
     artifacts = [e.get("file") for e in manifest["artifacts"].values() if isinstance(e, dict)]
+    names = [n for n in artifacts if is_plain_name(n) and n != MANIFEST]
     repository = manifest.get("triton")
-    files = repository.get("files") if isinstance(repository, dict) else None
-    return [n for n in artifacts + list(files if isinstance(files, dict) else ()) if is_inside(n)]
+    if isinstance(repository, dict) and isinstance(repository.get("files"), dict):
+        try:
+            layout = set(paths(check_name(repository.get("name"))).values())
+        except (ValueError, TypeError):
+            layout = set()
+        names += [n for n in repository["files"] if n in layout]
+    return names
 
 
 def _install(staging: Path, out_dir: Path, manifest: dict[str, Any], old: dict[str, Any] | None) -> None:
@@ -81,8 +90,7 @@ def _install(staging: Path, out_dir: Path, manifest: dict[str, Any], old: dict[s
     for name in stale:
         with suppress(OSError):  # the new export is in place; a file it does not list only takes space
             (out_dir / name).unlink(missing_ok=True)
-    for name in stale:  # the folders that held them, once empty (a file of someone else's keeps its folder)
-        for folder in Path(name).parents:
-            if folder != Path("."):
-                with suppress(OSError):
-                    (out_dir / folder).rmdir()
+    for name in stale:  # the model folders that held them, once empty (a file of someone else's keeps its folder)
+        for folder in list(Path(name).parents)[:-2]:  # triton/NAME/1 and triton/NAME, never triton/ itself
+            with suppress(OSError):
+                (out_dir / folder).rmdir()

@@ -28,11 +28,12 @@ def default_name(dataset: str, task: str) -> str:
     """A Triton model name from the dataset and task: letters, digits, `_` and `-` only (a folder dataset is
     named by its folder)."""
     base = Path(dataset.split(":", 1)[1]).name if dataset.startswith("folder:") else dataset
-    return re.sub(r"[^A-Za-z0-9_-]+", "_", f"{base}_{task}").strip("_") or "model"
+    name = re.sub(r"[^A-Za-z0-9_-]+", "_", f"{base}_{task}").strip("_-")[:128]
+    return name if name and name[0].isalnum() else f"model_{name}"[:128]
 
 
 def check_name(name: str) -> str:
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}", name) or name in (".", ".."):
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}", name) or name in (".", ".."):
         raise ValueError(f"--triton {name!r}: a Triton model name is 1-128 letters, digits, '_', '-' or '.', "
                          f"starting with a letter or digit")
     return name
@@ -58,6 +59,13 @@ def config_text(name: str, input_spec: dict[str, Any], output_spec: dict[str, An
             f"dynamic_batching {{ }}\n")
 
 
+def labels_text(classes: list[str]) -> str:
+    """One class name a line, in output order (a name holding a line break would shift every label after it)."""
+    if any("\n" in c or "\r" in c for c in classes):
+        raise ValueError("a class name holds a line break, which Triton's label file cannot hold")
+    return "".join(f"{c}\n" for c in classes)
+
+
 def write_repository(staging: Path, name: str, onnx_file: Path, input_spec: dict[str, Any],
                      output_spec: dict[str, Any], classes: list[str], max_batch_size: int) -> dict[str, Any]:
     """The repository in the staging dir; its manifest entry (name, max_batch_size, each file's size and sha256)."""
@@ -66,7 +74,7 @@ def write_repository(staging: Path, name: str, onnx_file: Path, input_spec: dict
         (staging / rel).parent.mkdir(parents=True, exist_ok=True)
     config = config_text(name, input_spec, output_spec, max_batch_size)
     atomic_write(staging / files["config"], lambda p: p.write_text(config))
-    atomic_write(staging / files["labels"], lambda p: p.write_text("".join(f"{c}\n" for c in classes)))
+    atomic_write(staging / files["labels"], lambda p: p.write_text(labels_text(classes)))
     try:
         os.link(onnx_file, staging / files["model"])
     except OSError:  # no hard links here (another file system, FAT, some network mounts): the same bytes
@@ -96,4 +104,12 @@ def problems(directory: Path, manifest: dict[str, Any]) -> list[str]:
         path = directory / files["config"]
         if path.is_file() and path.read_text() != expected_config:
             found.append(f"{path} is not the config of this manifest's model")
+        labels = directory / files["labels"]
+        try:
+            expected_labels = labels_text(manifest["model"]["classes"])
+        except ValueError as e:
+            expected_labels = None
+            found.append(str(e))
+        if labels.is_file() and expected_labels is not None and labels.read_text() != expected_labels:
+            found.append(f"{labels} does not list the model's classes in output order")
     return found

@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import itertools
 import multiprocessing
+import os
 import signal
 from collections import deque
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
@@ -17,7 +18,7 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from .base.images import digit_or_reason, load_digit
+from .base.images import digit_bytes, digit_or_reason
 from .model import ModelError, Runtime
 
 
@@ -52,12 +53,12 @@ def _fail(message: str, images: np.ndarray) -> np.ndarray:
     raise ModelError(message)
 
 
-def decode(paths: list[Path]) -> tuple[list[np.ndarray], list[str | None]]:
-    """Each file's digit or the reason it has none; never raises, so one bad file cannot stop the run."""
+def decode(paths: list[str]) -> tuple[list[np.ndarray], list[str | None]]:
+    """Each file's uint8 digit or the reason it has none; never raises, so one bad file cannot stop the run."""
     digits: list[np.ndarray] = []
     errors: list[str | None] = []
     for path in paths:
-        result = digit_or_reason(path, load_digit)
+        result = digit_or_reason(Path(path), digit_bytes)
         if isinstance(result, str):
             errors.append(result)
         else:
@@ -66,11 +67,13 @@ def decode(paths: list[Path]) -> tuple[list[np.ndarray], list[str | None]]:
     return digits, errors
 
 
-def process_batch(paths: list[Path]) -> Chunk:
+def process_batch(paths: list[str]) -> Chunk:
+    """Paths as strings: a Path is pickled as its parts and parsed again on the other side."""
     digits, errors = decode(paths)
     if not digits:
         return Chunk(errors)
-    images = np.stack(digits)[:, None]
+    # load_digit's k / 255, for the whole batch at once rather than image by image
+    images = np.stack(digits)[:, None].astype(np.float32) / np.float32(255.0)
     if _worker_model is None:
         return Chunk(errors, images=images)
     return Chunk(errors, logits=_worker_model(images))
@@ -91,7 +94,7 @@ def processed_batches(paths: Iterable[Path], pool: Executor, batch_size: int,
     """Batches in input order; at most `in_flight` are submitted and not yet collected."""
     pending: deque[tuple[list[Path], Future]] = deque()
     for batch in iter(lambda: list(itertools.islice(paths, batch_size)), []):
-        pending.append((batch, pool.submit(process_batch, batch)))
+        pending.append((batch, pool.submit(process_batch, [os.fspath(p) for p in batch])))
         if len(pending) >= in_flight:
             path_batch, future = pending.popleft()
             yield path_batch, future.result()

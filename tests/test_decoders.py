@@ -141,3 +141,52 @@ def test_an_image_over_the_pixel_budget_is_refused_by_pillows_words(tmp_path: Pa
     assert fast_gray(huge) is None
     got, pillow = both(path, monkeypatch)
     assert got == pillow and "image too large" in got
+
+
+def chunk(kind: bytes, body: bytes, crc: int | None = None) -> bytes:
+    crc = zlib.crc32(kind + body) if crc is None else crc
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
+
+
+def inserted(data: bytes, extra: bytes) -> bytes:
+    """`extra` chunks placed just after IHDR."""
+    return data[:33] + extra + data[33:]
+
+
+@pytest.mark.parametrize("name,data", [
+    ("a bad CRC on IHDR", png(LARGE, "L")[:29] + b"\x00\x00\x00\x00" + png(LARGE, "L")[33:]),
+    ("a bad CRC on a text chunk", inserted(png(LARGE, "L"), chunk(b"tEXt", b"Comment\x00hi", crc=1))),
+    ("an animation (acTL)", inserted(png(LARGE, "L"), chunk(b"acTL", struct.pack(">II", 1, 0)))),
+    ("compressed text (zTXt)", inserted(png(LARGE, "L"), chunk(b"zTXt", b"Comment\x00\x00" + zlib.compress(b"x")))),
+])
+def test_a_png_pillow_may_read_otherwise_is_left_to_pillow(name: str, data: bytes, tmp_path: Path,
+                                                           monkeypatch) -> None:
+    """libspng, as pyspng sets it, ignores CRCs, and reads animations and text its own way: such files go to
+    Pillow, which decides (a bad CRC is an error row, as it always was)."""
+    path = tmp_path / "x.png"
+    path.write_bytes(data)
+    assert fast_gray(data) is None
+    got, pillow = both(path, monkeypatch)
+    assert (got == pillow) if isinstance(got, str) else np.array_equal(got, pillow), name
+
+
+@pytest.mark.parametrize("edge", [127, 128])
+def test_the_mnist_shortcut_ends_where_the_float_paths_border_test_does(edge: int, tmp_path: Path,
+                                                                        monkeypatch) -> None:
+    """A 28x28 image with a border median of 127 is an MNIST digit as it is; 128 is light paper, inverted."""
+    pixels = DIGIT.copy()
+    pixels[0, :], pixels[-1, :], pixels[:, 0], pixels[:, -1] = edge, edge, edge, edge
+    path = tmp_path / "edge.png"
+    path.write_bytes(png(pixels, "L"))
+    got, pillow = both(path, monkeypatch)
+    assert np.array_equal(got, pillow) and np.array_equal(got, pixels) == (edge == 127)
+
+
+def test_a_real_png_over_the_pixel_budget_gets_pillows_refusal(tmp_path: Path, monkeypatch) -> None:
+    data = png(np.zeros((4200, 4200), np.uint8), "L")  # 17.6 M pixels in a small file
+    assert len(data) < images.FAST_MAX_BYTES
+    path = tmp_path / "big.png"
+    path.write_bytes(data)
+    assert fast_gray(data) is None
+    got, pillow = both(path, monkeypatch)
+    assert got == pillow and "image too large (4200x4200 pixels" in got

@@ -42,8 +42,9 @@ def test_reexport_keeps_the_users_other_files(exported_run: Path, tmp_path: Path
     assert (out / "README.txt").read_text() == "my notes" and (out / "model.onnx.bak").read_bytes() == b"my backup"
     new_manifest = json.loads((out / "manifest.json").read_text())
     assert new_manifest["digest"] != old_manifest["digest"]  # really re-exported (a new "created" time)
+    int8 = ["model.int8.onnx"] if "onnx_int8" in new_manifest["artifacts"] else []
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["README.txt", "model.onnx.bak", "manifest.json", "model.onnx", "model.ts", "model.pt2"])
+        ["README.txt", "model.onnx.bak", "manifest.json", "model.onnx", "model.ts", "model.pt2", *int8])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]  # no staging dir left
 
 
@@ -104,6 +105,8 @@ def test_resealed_manifest_with_fewer_classes_than_outputs_is_refused(exported_r
         m["model"].update(classes=m["model"]["classes"][:9], num_classes=9)
         m["output"]["shape"] = ["N", 9]
         m["reference"]["logits"] = [row[:9] for row in m["reference"]["logits"]]
+        if "int8_logits" in m["reference"]:
+            m["reference"]["int8_logits"] = [row[:9] for row in m["reference"]["int8_logits"]]
     out = edit_manifest(exported_run, tmp_path / "e", nine, reseal=True)
     assert serve(["predict", str(pngs(tmp_path / "imgs")), "--model", str(out), "--workers", "1"]) == 2
     one_error_line(capsys.readouterr().err, "answers 10 classes, but the manifest lists 9")

@@ -133,3 +133,20 @@ def test_serve_cli_precision(int8_export: Path, tmp_path: Path) -> None:
                "--runtime", "torchscript")
     assert proc.returncode == 2
     one_error_line(proc.stderr, "--precision int8 runs model.int8.onnx on ONNX Runtime")
+
+
+def test_calibration_reads_what_a_real_checkpoint_records(int8_run: Path) -> None:
+    from distributed import checkpoint
+    from export.quantize import calibration_set
+    info = checkpoint.summary(checkpoint.load(int8_run / "checkpoints" / "best.pt"))
+    images, where = calibration_set(info, None)
+    assert len(images) == 512 and images.dtype == np.float32 and 0 <= images.min() and images.max() <= 1
+    info["training"].pop("val_size")
+    with pytest.raises(Exception, match="does not record its run's --val-size and --seed"):
+        calibration_set(info, None)
+
+
+def test_verify_without_the_labelled_data_does_not_fail_a_good_int8(int8_export: Path, tmp_path: Path) -> None:
+    proc = run("-m", "export", "--verify", str(int8_export), "--data-dir", str(tmp_path / "nothing-here"))
+    assert proc.returncode == 0, proc.stderr
+    assert "int8: its gate not rerun: seeded uniform random images" in proc.stdout

@@ -41,7 +41,10 @@ def config_problems(config_text: str, manifest: dict[str, Any], model_dir: Path)
     expect = {
         "name": (config.name, model_dir.name),
         "platform": (config.platform, "onnxruntime_onnx"),
-        "max_batch_size": (config.max_batch_size, max(manifest["parity"]["batch_sizes"])),
+        # the largest batch the gate really ran: a size above the parity set's count ran it in one batch
+        "max_batch_size": (config.max_batch_size, min(max(manifest["parity"]["batch_sizes"]),
+                                                      manifest["parity"]["count"])),
+        "a dynamic batch axis in the onnx file": (isinstance(onnx_dims[config.input[0].name][0], str), True),
         "one input, one output": ((len(config.input), len(config.output)), (1, 1)),
         "dynamic_batching": (config.HasField("dynamic_batching"), True),
     }
@@ -149,3 +152,49 @@ def test_a_bad_model_name_is_a_usage_error(ddp_run, tmp_path: Path) -> None:
                str(tmp_path / "x"), "--triton", "../up")
     assert proc.returncode == 2 and "argument --triton: a Triton model name is" in proc.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_verify_refuses_labels_that_are_not_the_classes(triton_export: Path, tmp_path: Path) -> None:
+    """A tamperer who rewrites labels.txt and reseals the manifest with its new sha256."""
+    import hashlib
+    rel = f"triton/{NAME}/labels.txt"
+    swapped = "".join(f"{c}\n" for c in ["1", "0", *map(str, range(2, 10))]).encode()
+
+    def relabel(m: dict) -> None:
+        m["triton"]["files"][rel] = {"bytes": len(swapped), "sha256": hashlib.sha256(swapped).hexdigest()}
+    copy = edit_manifest(triton_export, tmp_path / "copy", relabel, reseal=True)
+    (copy / rel).unlink()  # a hard link to the original's: replace it, do not write through it
+    (copy / rel).write_bytes(swapped)
+    proc = run("-m", "export", "--verify", str(copy))
+    assert proc.returncode == 1
+    one_error_line(proc.stderr, "does not list the model's classes in output order")
+
+
+def test_a_config_edited_after_export_is_not_overwritten(triton_export: Path, tmp_path: Path) -> None:
+    out = Path(shutil.copytree(triton_export, tmp_path / "export"))
+    config = out / "triton" / NAME / "config.pbtxt"
+    config.write_text(config.read_text() + "instance_group [ { kind: KIND_GPU } ]\n")
+    before = snapshot(out)
+    checkpoint = read_manifest(out)["source"]["checkpoint"]
+    proc = run("-m", "export", "--checkpoint", checkpoint, "--out-dir", str(out), "--triton", "--batch-sizes", "1")
+    assert proc.returncode == 1
+    one_error_line(proc.stderr, f"{config} was changed after the export that wrote it")
+    assert snapshot(out) == before
+
+
+def test_an_old_manifest_never_makes_the_install_remove_what_is_not_its_own(triton_export: Path,
+                                                                             tmp_path: Path) -> None:
+    """The previous manifest is read as found (it may be damaged): names that are not an artifact's plain file
+    or a file of the Triton layout are never removed, nor is the new manifest."""
+    import json
+    out = Path(shutil.copytree(triton_export, tmp_path / "export"))
+    (out / "notes").mkdir()
+    (out / "notes" / "mine.txt").write_text("mine")
+    old = json.loads((out / "manifest.json").read_text())
+    old["artifacts"]["extra"] = {"file": "manifest.json"}
+    old["triton"]["files"]["notes/mine.txt"] = {"bytes": 4, "sha256": "0"}
+    (out / "manifest.json").write_text(json.dumps(old))  # no longer sealed: a damaged manifest of ours
+    checkpoint = old["source"]["checkpoint"]
+    proc = run("-m", "export", "--checkpoint", checkpoint, "--out-dir", str(out), "--batch-sizes", "1")
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "notes" / "mine.txt").read_text() == "mine" and read_manifest(out)["parity"]["passed"]

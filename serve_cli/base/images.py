@@ -13,6 +13,7 @@ import os
 import stat
 import struct
 import warnings
+import zlib
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -167,11 +168,11 @@ def digit_bytes(path: Path) -> np.ndarray:
 def fast_gray(data: bytes) -> np.ndarray | None:
     """An 8-bit gray PNG's pixels (uint8 [H, W]) decoded by libspng; None for anything else, and for any file
     libspng refuses or whose header says more than MAX_PIXELS, so that Pillow decides (and words the error).
-    An eXIf chunk sends the file to Pillow too: its orientation must be applied."""
+    So does any file plain_png does not pass."""
     if pyspng is None or len(data) < 33 or data[:8] != PNG_SIGNATURE or data[12:16] != b"IHDR":
         return None
     width, height, depth, color = struct.unpack(">IIBB", data[16:26])
-    if depth != 8 or color != 0 or width * height > MAX_PIXELS or b"eXIf" in data:
+    if depth != 8 or color != 0 or width * height > MAX_PIXELS or not plain_png(data):
         return None
     try:
         pixels = pyspng.load(data)
@@ -191,6 +192,28 @@ def within_budget(img: Image.Image) -> None:
     if img.width * img.height > MAX_PIXELS:
         raise ImageError(f"image too large ({img.width}x{img.height} pixels; the limit is {MAX_PIXELS:,}, which "
                          f"bounds the memory one image may take): downscale it")
+
+
+# Chunks whose meaning libspng and Pillow may not share: an animation (Pillow takes its first frame's box),
+# compressed text (Pillow caps its size), EXIF (its orientation must be applied).
+PILLOW_ONLY_CHUNKS = {b"acTL", b"fcTL", b"fdAT", b"zTXt", b"iTXt", b"eXIf"}
+
+
+def plain_png(data: bytes) -> bool:
+    """Whether every chunk up to IEND is whole, has a correct CRC (libspng, as pyspng sets it, ignores CRCs
+    while Pillow refuses a bad one) and is not one of PILLOW_ONLY_CHUNKS."""
+    pos, end = 8, len(data)
+    while pos + 12 <= end:
+        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        stop = pos + 12 + length
+        if stop > end or kind in PILLOW_ONLY_CHUNKS:
+            return False
+        if zlib.crc32(data[pos + 4:stop - 4]) != struct.unpack(">I", data[stop - 4:stop])[0]:
+            return False
+        if kind == b"IEND":
+            return True
+        pos = stop
+    return False
 
 
 def digit_of(img: Image.Image) -> np.ndarray:
