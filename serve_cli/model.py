@@ -125,11 +125,8 @@ def resolve_model(directory: Path, runtime: str = "auto", threads: int | None = 
     if precision == "int8" and not has_int8:
         raise ModelError(no_int8(directory, manifest))
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
-    if runtime == "auto" and precision != "int8":
-        import onnxruntime as ort  # here, not at the top: `serve_cli info` and --runtime torchscript skip it
-
-        if "CUDAExecutionProvider" in ort.get_available_providers():
-            providers = ("CUDAExecutionProvider", *providers)
+    if runtime == "auto" and precision != "int8" and cuda_build():
+        providers = ("CUDAExecutionProvider", *providers)
     atol = float((manifest.get("parity") or {}).get("atol", 1e-4))
     fp32 = checked(directory, manifest, kind, ARTIFACT_OF[kind], providers, threads, atol)
     if precision == "fp32" or kind == "torchscript" or (precision == "auto" and (not has_int8 or not fp32.on_cpu)):
@@ -141,6 +138,16 @@ def resolve_model(directory: Path, runtime: str = "auto", threads: int | None = 
     if speedup >= AUTO_INT8_SPEEDUP:
         return manifest, replace(int8, note=f"--precision auto: int8 ran {speedup:.1f}x as fast as fp32 here")
     return manifest, replace(fp32, note=f"--precision auto: int8 ran {speedup:.2f}x as fast as fp32 here, so fp32")
+
+
+def cuda_build() -> bool:
+    """Whether the installed ONNX Runtime has its CUDA provider, from its files: importing onnxruntime to ask
+    (get_available_providers) costs 0.08 s here before the workers may start, and each imports it anyway."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("onnxruntime")
+    folders = spec.submodule_search_locations if spec else None
+    return any(any((Path(folder) / "capi").glob("*onnxruntime_providers_cuda*")) for folder in folders or ())
 
 
 def checked(directory: Path, manifest: dict[str, Any], kind: str, artifact: str, providers: tuple[str, ...],

@@ -214,7 +214,7 @@ def test_trainer_and_serve_cli_see_the_same_pixels(tmp_path: Path) -> None:
     """Real-world-style pictures through the folder dataset and through serve_cli's decoder: bit for bit."""
     from distributed.data import to_unit
     from distributed.folder import load_folder
-    from serve_cli.pool import decode
+    from serve_cli.pool import process_batch
     root = tmp_path / "styles"
     rng = np.random.default_rng(1)
     pictures = {
@@ -239,8 +239,9 @@ def test_trainer_and_serve_cli_see_the_same_pixels(tmp_path: Path) -> None:
     assert not data.skipped
     trained = torch.cat([data.train_images, data.test_images])
     labels = torch.cat([data.train_labels, data.test_labels])
-    served, errors = decode(paths)
-    assert errors == [None] * len(paths)
+    chunk = process_batch([str(p) for p in paths])  # what a serve_cli worker hands its model
+    assert chunk.errors == [None] * len(paths)
+    served = chunk.images[:, 0]
     # match by content order: the folder lists c0 then c1, each sorted by name
     order = sorted(range(len(paths)), key=lambda i: (paths[i].parent.name, paths[i].name))
     from distributed.folder import classes_of, listing
