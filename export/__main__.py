@@ -15,6 +15,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 import onnxruntime
 import torch
@@ -24,19 +25,18 @@ from distributed.datasets import folder_path
 from distributed.run_dir import CHECKPOINT_DIR
 from serve_cli.base.cli import NON_NEGATIVE, DefaultsHelpFormatter, Stopped, number_in, path_text, stop_signals_raise
 from serve_cli.base.files import write_json
-from serve_cli.base.manifest import (FORMAT_VERSION, FORMATS, INPUT_NAME, INT8_PROBE_TOLERANCE, MANIFEST, OUTPUT_NAME,
-                                ManifestError, file_entry, probe_images, probe_reference, read_manifest, seal,
-                                sha256_file, verify_file)
+from serve_cli.base.manifest import (FORMAT_VERSION, FORMATS, INPUT_NAME, INT8, INT8_PROBE_TOLERANCE, MANIFEST,
+                                OUTPUT_NAME, ManifestError, file_entry, probe_images, probe_reference, read_manifest,
+                                seal, sha256_file, verify_file)
 
 from .formats import MAX_BATCH, WRITERS
 from .install import InstallError, Progress, install, previous_export
 from .parity import (ParityError, ParitySet, compare, eager_runtime, failures, format_report, load_onnx, load_runtimes,
-                     parity_report, parity_set, run_batched, runtime_result)
+                     parity_report, parity_set)
 from . import quantize, triton
 from .wrap import load_for_export
 
 DEFAULT_OPSET = 20
-INT8 = next(kind for kind, fmt in FORMATS.items() if fmt.quantized)
 PROBE_SEED, PROBE_COUNT = 0, 16
 
 
@@ -142,11 +142,13 @@ def parity_data(info: dict[str, Any], data_dir: str | None) -> ParitySet:
 
 
 def check_parity(model: Any, files: dict[str, Path], info: dict[str, Any], data: ParitySet,
-                 batch_sizes: list[int], atol: float, failed: str) -> dict[str, Any]:
+                 batch_sizes: list[int], atol: float, failed: str) -> tuple[dict[str, Any], np.ndarray]:
     """The gate: every fp32 artifact file against the eager model; prints the table, raises ParityError starting
     with `failed` when any runtime is off, or when the eager model does not score what the checkpoint
-    recorded on the very test split the run was scored on (its weights are then not the ones it was saved with)."""
-    report = parity_report(eager_runtime(model), load_runtimes(files), data.images, data.labels, batch_sizes, atol)
+    recorded on the very test split the run was scored on (its weights are then not the ones it was saved with).
+    The manifest's parity record, and the eager logits the int8 model is gated against."""
+    report, eager_logits = parity_report(eager_runtime(model), load_runtimes(files), data.images, data.labels,
+                                         batch_sizes, atol)
     print(f"parity on {data.described}, batch sizes {batch_sizes}:")
     print(format_report(report))
     if not report["passed"]:
@@ -154,7 +156,7 @@ def check_parity(model: Any, files: dict[str, Path], info: dict[str, Any], data:
     same_set = data.digest is not None and data.digest == info["test_digest"] and info["scored"]
     if same_set:
         check_recorded_accuracy(info, report["runtimes"]["eager"]["accuracy"], report["count"], failed)
-    return {"dataset": data.described, "training_test_set": same_set, **report}
+    return {"dataset": data.described, "training_test_set": same_set, **report}, eager_logits
 
 
 def check_recorded_accuracy(info: dict[str, Any], accuracy: float, count: int, failed: str) -> None:
@@ -182,15 +184,14 @@ def export_checkpoint(checkpoint: Path, out_dir: Path, data_dir: str | None, bat
         files = {kind: staging / fmt.file for kind, fmt in FORMATS.items() if not fmt.quantized}
         artifacts = write_artifacts(model, files, opset)
         data = parity_data(info, data_dir)
-        parity = check_parity(model, files, info, data, batch_sizes, atol,
-                              failed="parity gate failed, nothing exported")
+        parity, eager_logits = check_parity(model, files, info, data, batch_sizes, atol,
+                                            failed="parity gate failed, nothing exported")
         probes = probe_images(PROBE_SEED, PROBE_COUNT)
         reference = {"seed": PROBE_SEED, "count": PROBE_COUNT, "logits": eager_runtime(model)(probes).tolist()}
         int8_file = staging / FORMATS[INT8].file
         fp32_accuracy = parity["runtimes"]["eager"]["accuracy"]
-        parity["int8"], int8_notes = quantize.int8_artifact(
-            files["onnx"], int8_file, info, data_dir, data, run_batched(eager_runtime(model), data.images,
-                                                                        max(batch_sizes)), fp32_accuracy, batch_sizes)
+        parity["int8"], int8_notes = quantize.int8_artifact(files["onnx"], int8_file, info, data_dir, data,
+                                                            eager_logits, fp32_accuracy, batch_sizes)
         print(quantize.int8_line(parity["int8"], fp32_accuracy))
         if int8_notes is not None:
             artifacts[INT8] = file_entry(int8_file, **int8_notes)
@@ -259,13 +260,13 @@ def verify(directory: Path, data_dir: str | None, batch_sizes: list[int], atol: 
         model, info = load_for_export(source)
         data = parity_data(info, data_dir)
         fp32 = {kind: path for kind, path in files.items() if not FORMATS[kind].quantized}
-        parity = check_parity(model, fp32, info, data, batch_sizes, atol, failed=f"{directory}: parity gate failed")
+        parity, eager_logits = check_parity(model, fp32, info, data, batch_sizes, atol,
+                                            failed=f"{directory}: parity gate failed")
         if INT8 in files and data.labels is None:
             print(f"int8: its gate not rerun: {data.described} has no labels to score it on")
         elif INT8 in files:
-            reference = run_batched(eager_runtime(model), data.images, max(batch_sizes))
-            result = runtime_result(reference, load_onnx(files[INT8]), data.images, data.labels, batch_sizes)
-            why = quantize.gate(result, parity["runtimes"]["eager"]["accuracy"])
+            result, why = quantize.check(files[INT8], eager_logits, data, parity["runtimes"]["eager"]["accuracy"],
+                                         batch_sizes)
             if why is not None:
                 raise ParityError(f"{directory}: {files[INT8].name} fails its gate: {why}")
             print(quantize.int8_line({"passed": True, "onnxruntime_int8": result},

@@ -91,6 +91,14 @@ def gate(result: dict[str, Any], fp32_accuracy: float | None) -> str | None:
     return None
 
 
+def check(path: Path, reference: np.ndarray, data: ParitySet, fp32_accuracy: float | None,
+          batch_sizes: list[int]) -> tuple[dict[str, Any], str | None]:
+    """The int8 model at `path` on the parity set against eager fp32's logits `reference`: its results and why it
+    fails its gate (None: it passes). Export and --verify both gate it here."""
+    result = runtime_result(reference, load_onnx(path), data.images, data.labels, batch_sizes)
+    return result, gate(result, fp32_accuracy)
+
+
 def int8_artifact(fp32: Path, out: Path, info: dict[str, Any], data_dir: str | None, data: ParitySet,
                   reference: np.ndarray, fp32_accuracy: float | None,
                   batch_sizes: list[int]) -> tuple[dict[str, Any], dict[str, Any] | None]:
@@ -100,13 +108,12 @@ def int8_artifact(fp32: Path, out: Path, info: dict[str, Any], data_dir: str | N
     try:
         images, where = calibration_set(info, data_dir)
         quantize(fp32, out, images, INPUT_NAME)
-        result = runtime_result(reference, load_onnx(out), data.images, data.labels, batch_sizes)
+        result, why = check(out, reference, data, fp32_accuracy, batch_sizes)
     except DataError as e:
         return {**record, "passed": False, "why": f"its calibration images cannot be read ({e})"}, None
     except Exception as e:  # ONNX Runtime's quantizer refuses some graphs, in many ways
         out.unlink(missing_ok=True)
         return {**record, "passed": False, "why": f"ONNX Runtime could not quantize it ({first_line(e)})"}, None
-    why = gate(result, fp32_accuracy)
     record.update(passed=why is None, onnxruntime_int8=result)
     if why is not None:
         out.unlink()

@@ -16,13 +16,12 @@ from typing import Any, Callable
 import numpy as np
 
 from .base.cli import first_line
-from .base.manifest import (FORMATS, INPUT_NAME, ManifestError, probe_images, probe_reference, read_manifest,
+from .base.manifest import (FORMATS, INPUT_NAME, INT8, ManifestError, probe_images, probe_reference, read_manifest,
                             verify_file)
 
 MODEL_ENV = "SERVE_CLI_MODEL"
 # runtime -> artifact key, for --runtime; the int8 model is --precision's (it runs on ONNX Runtime's CPU provider)
 ARTIFACT_OF = {fmt.runtime: kind for kind, fmt in FORMATS.items() if fmt.served and not fmt.quantized}
-INT8 = next(kind for kind, fmt in FORMATS.items() if fmt.quantized)
 PRECISIONS = ("auto", "fp32", "int8")
 # --precision auto takes int8 only when it runs at least this much faster than fp32 here, measured at start-up:
 # on the 2-core test machines (AVX-512 VNNI) ONNX Runtime's int8 ran this small network at about half fp32's speed.

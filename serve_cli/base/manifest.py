@@ -61,6 +61,7 @@ FORMATS = {
     "onnx": ArtifactFormat("model.onnx", "onnxruntime", served=True),
     "onnx_int8": ArtifactFormat("model.int8.onnx", "onnxruntime_int8", served=True, quantized=True),
 }
+INT8 = next(kind for kind, fmt in FORMATS.items() if fmt.quantized)  # the int8 model's artifact key
 # How far an int8 model's probe logits may be from those recorded at export, as a fraction of their largest
 # magnitude: another CPU's int8 kernels may round an activation to the next step, which fp32's --atol forbids.
 INT8_PROBE_TOLERANCE = 0.02
