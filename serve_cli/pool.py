@@ -18,7 +18,7 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from .base.images import digit_bytes, digit_or_reason
+from .base.images import digit_or_reason
 from .model import ModelError, Runtime
 
 
@@ -58,7 +58,7 @@ def decode(paths: list[str]) -> tuple[list[np.ndarray], list[str | None]]:
     digits: list[np.ndarray] = []
     errors: list[str | None] = []
     for path in paths:
-        result = digit_or_reason(Path(path), digit_bytes)
+        result = digit_or_reason(Path(path))
         if isinstance(result, str):
             errors.append(result)
         else:
@@ -72,7 +72,7 @@ def process_batch(paths: list[str]) -> Chunk:
     digits, errors = decode(paths)
     if not digits:
         return Chunk(errors)
-    # load_digit's k / 255, for the whole batch at once rather than image by image
+    # the model's [0, 1] input: k / 255, for the whole batch at once rather than image by image
     images = np.stack(digits)[:, None].astype(np.float32) / np.float32(255.0)
     if _worker_model is None:
         return Chunk(errors, images=images)

@@ -22,7 +22,12 @@ from PIL import Image
 from conftest import ROOT, synthetic_digits
 from serve_cli.base.manifest import seal
 from serve_cli.__main__ import main
-from serve_cli.base.images import load_digit
+from serve_cli.base.images import digit_bytes
+
+
+def load_digit(path: Path) -> np.ndarray:
+    """What a serve_cli worker hands its model for one file: digit_bytes in [0, 1] (serve_cli.pool.process_batch)."""
+    return digit_bytes(path).astype(np.float32) / np.float32(255.0)
 
 
 def save_pngs(folder: Path, images: np.ndarray) -> list[Path]:

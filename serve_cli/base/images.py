@@ -45,7 +45,7 @@ class ImageError(ValueError):
 def find_images(inputs: list[str], recursive: bool) -> Iterator[Path]:
     """Files as given, then each folder's image files in sorted order (sub-folders too with recursive).
 
-    Never raises and never loops: a folder that cannot be listed is yielded itself (load_digit then says why,
+    Never raises and never loops: a folder that cannot be listed is yielded itself (digit_bytes then says why,
     as an error row), and a folder reached twice through links is walked once.
     """
     seen: set[tuple[int, int]] = set()
@@ -98,7 +98,7 @@ def _listing(folder: Path, seen: set[tuple[int, int]]) -> list[os.DirEntry] | No
 def _is_dir(entry: os.DirEntry) -> bool:
     try:
         return entry.is_dir()
-    except OSError:  # a link loop: not a folder; load_digit says what it is
+    except OSError:  # a link loop: not a folder; digit_bytes says what it is
         return False
 
 
@@ -117,12 +117,6 @@ def check_regular(path: Path) -> os.stat_result:
     if not stat.S_ISREG(info.st_mode):
         raise ImageError("not a regular file (a pipe, socket or device)")
     return info
-
-
-def load_digit(path: Path) -> np.ndarray:
-    """The file as an MNIST-style float32 [28, 28] image in 8-bit steps (k / 255); ImageError with a short
-    reason otherwise. Training on a folder stores digit_bytes of the same function, so both see the same pixels."""
-    return digit_bytes(path).astype(np.float32) / np.float32(255.0)
 
 
 def digit_bytes(path: Path) -> np.ndarray:
@@ -330,7 +324,7 @@ def mnistify(gray: np.ndarray) -> np.ndarray:
 
 def digit_or_reason(path: Path, load: Callable[[Path], np.ndarray] = digit_bytes) -> np.ndarray | str:
     """load(path), or why the file has no digit; never raises: one bad file (or a decoder bug) costs one
-    item, not the run. Serving (load_digit) and folder training (digit_bytes) share this policy."""
+    item, not the run. Serving (serve_cli.pool) and folder training share this policy."""
     try:
         return load(path)
     except ImageError as e:
