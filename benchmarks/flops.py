@@ -3,8 +3,10 @@
     python benchmarks/flops.py                      # peak + FLOPs per image of every registry model
     python benchmarks/flops.py --images-per-second 5000 --model fastnet   # + the fraction of peak
 
-FLOPs per training image are counted by torch's own FlopCounterMode over one forward + backward of a
-batch (convolutions, matmuls; element-wise ops are not counted, as is usual). The peak is the best of a
+FLOPs per training image are counted by torch's own FlopCounterMode over one forward + backward
+(convolutions, matmuls; element-wise ops are not counted, as is usual): the trainer's own count
+(distributed/metrics.py), which its MFU figure uses. Give the peak printed here as `--peak-flops` to the
+trainer for an MFU figure on the CPU. The peak is the best of a
 few fp32 `torch.mm` runs of square matrices with every core this process may use.
 """
 from __future__ import annotations
@@ -16,10 +18,9 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from distributed.metrics import training_flops_per_image  # noqa: E402
 from distributed.models import MODELS, build_model  # noqa: E402
 
 
@@ -40,13 +41,8 @@ def matmul_peak(n: int = 2048, repeats: int = 5, device: str = "cpu", dtype: tor
     return 2 * n ** 3 / best
 
 
-def training_flops_per_image(model_name: str, num_classes: int = 10, batch: int = 64) -> float:
-    model = build_model(model_name, num_classes)
-    x = torch.randn(batch, 1, 28, 28)
-    y = torch.randint(0, num_classes, (batch,))
-    with FlopCounterMode(display=False) as counter:
-        F.cross_entropy(model(x), y).backward()
-    return counter.get_total_flops() / batch
+def model_flops_per_image(model_name: str, num_classes: int = 10) -> float:
+    return training_flops_per_image(build_model(model_name, num_classes), (1, 28, 28), num_classes)
 
 
 def main() -> int:
@@ -61,10 +57,10 @@ def main() -> int:
           f"{peak / 1e9:,.1f} GFLOP/s")
     print(f"{'model':<10} {'MFLOP/image (fwd+bwd)':>22} {'images/s at peak':>17}")
     for name in MODELS:
-        flops = training_flops_per_image(name)
+        flops = model_flops_per_image(name)
         print(f"{name:<10} {flops / 1e6:>22.2f} {peak / flops:>17,.0f}")
     if args.images_per_second:
-        flops = training_flops_per_image(args.model)
+        flops = model_flops_per_image(args.model)
         achieved = flops * args.images_per_second
         print(f"{args.model} at {args.images_per_second:,.0f} images/s: {achieved / 1e9:,.1f} GFLOP/s = "
               f"{achieved / peak:.0%} of the matmul peak")

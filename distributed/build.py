@@ -26,7 +26,9 @@ from .datasets import DataError
 from .engine import amp_dtype, make_scaler
 from .run_dir import CHECKPOINT_DIR, lock_run_dir
 from .models import build_model, has_batchnorm, to_device
+from .metrics import AllReduceTimer, StepMeter, job_peak_flops, training_flops_per_image
 from .optim import build_optimizer, build_scheduler
+from .profiling import StepProfiler
 from .report import Reporter
 from .sampling import EpochPlan, eval_shard
 from .timing import Phases
@@ -55,6 +57,8 @@ class Parts:
     run: RunState = field(default_factory=RunState)
     record: dict[str, float] = field(default_factory=dict)  # the last epoch's metrics
     closing: ExitStack = field(default_factory=ExitStack)  # the lock and the writer, released by Trainer.close
+    meter: StepMeter | None = None  # step metrics every --log-every steps (None: --log-every 0)
+    profiler: StepProfiler | None = None  # --profile-steps
 
 
 def build_parts(cfg: TrainConfig, env: comms.DistEnv, phases: Phases) -> Parts:
@@ -109,6 +113,19 @@ def _build(cfg: TrainConfig, env: comms.DistEnv, phases: Phases, closing: ExitSt
     if env.is_distributed:
         net = DDP(net, device_ids=[env.device] if env.device.type == "cuda" else None)
 
+    example = test.batch(torch.arange(min(2, len(test)), device=env.device))[0]
+    meter = None
+    if cfg.log_every:
+        allreduce = None
+        if isinstance(net, DDP):  # DDP's own all-reduce, timed (metrics.AllReduceTimer)
+            allreduce = AllReduceTimer(env.device)
+            net.register_comm_hook(None, allreduce.hook)
+        meter = StepMeter(env.device, env.world_size,
+                          training_flops_per_image(model, tuple(example.shape[1:]), task.num_classes),
+                          job_peak_flops(cfg.peak_flops, env.device, dtype, env.world_size, env.local_world_size),
+                          allreduce)
+    profiler = StepProfiler(cfg.profile_steps, run_dir / "profile", env.rank, env.world_size,
+                            env.device) if cfg.profile_steps else None
     report = Reporter(cfg, env, task, purge_step=run.step + 1 if state is not None else None)
     closing.callback(report.close)
     if env.is_main:
@@ -127,12 +144,12 @@ def _build(cfg: TrainConfig, env: comms.DistEnv, phases: Phases, closing: ExitSt
         f"epoch {run.epoch}" + (f" + {run.step_in_epoch} steps" if run.step_in_epoch else "")
         + f", step {run.step}")
     with phases("checkpoints/logging"):
-        report.started(resumed_at, model, test.batch(torch.arange(min(2, len(test)), device=env.device))[0])
+        report.started(resumed_at, model, example)
     return Parts(cfg=cfg, task=task, train=train, val=val, test=test, data=data, model=model, net=net, dtype=dtype,
                  plan=plan, optimizer=optimizer, scheduler=scheduler, scaler=scaler, report=report,
                  test_shard=eval_shard(len(test), env.rank, env.world_size, env.device),
                  val_shard=eval_shard(len(val), env.rank, env.world_size, env.device), run=run, record=record,
-                 closing=closing)
+                 closing=closing, meter=meter, profiler=profiler)
 
 
 def global_batch(cfg: TrainConfig, state: dict[str, Any] | None, world_size: int) -> int:

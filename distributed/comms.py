@@ -190,6 +190,16 @@ def all_gather_objects(obj: object, env: DistEnv) -> list:
     return out
 
 
+def all_gather_floats(values: list[float], env: DistEnv) -> list[list[float]]:
+    """Every rank's `values` (the same length everywhere), in rank order: one small all-gather."""
+    if not env.is_distributed:
+        return [list(values)]
+    mine = torch.tensor(values, dtype=torch.float64, device=env.device)
+    out = [torch.empty_like(mine) for _ in range(env.world_size)]
+    dist.all_gather(out, mine)
+    return [t.tolist() for t in out]
+
+
 def weights_fingerprint(module: torch.nn.Module) -> str:
     """The digest of the parameters and buffers: equal on every rank when DDP kept replicas in sync."""
     return digest(module.state_dict())

@@ -49,6 +49,14 @@ def dataset_name(text: str) -> str:
     raise argparse.ArgumentTypeError(f"{text!r}: choose one of {', '.join(DATASETS)}, or folder:PATH")
 
 
+def step_range(text: str) -> str:
+    """An argparse type: 'A:B', whole numbers with 1 <= A <= B (kept as text: a config stays JSON)."""
+    first, sep, last = text.partition(":")
+    if not (sep and first.strip().isdigit() and last.strip().isdigit() and 1 <= int(first) <= int(last)):
+        raise argparse.ArgumentTypeError(f"{text!r} is not A:B with whole numbers 1 <= A <= B (e.g. 10:15)")
+    return f"{int(first)}:{int(last)}"
+
+
 def _opt(default: Any, help: str, *, kind: str, **kwargs: Any) -> Any:
     assert kind in KINDS, kind
     return field(default=default, metadata={"help": help, "kind": kind, **kwargs})
@@ -103,8 +111,20 @@ class TrainConfig:
                                 kind="logistics")
     overfit_batches: int = _opt(0, "debug: train and evaluate on the first N batches only (loss should go to ~0)",
                                 type=NON_NEGATIVE_INT, kind="recipe")
-    log_every: int = _opt(20, "log train loss and lr to TensorBoard every N steps", type=POSITIVE_INT,
-                          kind="logistics")
+    log_every: int = _opt(20, "step metrics every N steps (TensorBoard's train/ and perf/, metrics.json, the "
+                              "progress line): loss, lr, gradient norm, images/s, time per step and where it "
+                              "went, utilisation, memory; 0: none of them", type=NON_NEGATIVE_INT, kind="logistics")
+    progress_every: float = _opt(30.0, "seconds between plain progress lines when stdout is not a terminal "
+                                       "(SLURM, Kubernetes, a pipe); on a terminal a live line instead; 0: every "
+                                       "step", type=NON_NEGATIVE, kind="logistics")
+    peak_flops: float | None = _opt(None, "peak FLOP/s of one node's devices together, for the utilisation "
+                                          "(MFU) figure; default on CUDA: the GPU's datasheet figure, on the "
+                                          "CPU: none (measure it: python benchmarks/flops.py)", type=POSITIVE,
+                                    kind="logistics")
+    profile_steps: str | None = _opt(None, "A:B: torch.profiler over optimiser steps A to B (1-based) on every "
+                                           "rank: RUN_DIR/profile/rankR.trace.json.gz (Perfetto, "
+                                           "chrome://tracing) and rankR.operators.txt", type=step_range,
+                                     kind="logistics")
     checkpoint_every_steps: int = _opt(0, "also save last.pt every N steps inside an epoch, so a killed worker "
                                           "loses at most N steps (0: at epoch ends only)", type=NON_NEGATIVE_INT,
                                      kind="logistics")

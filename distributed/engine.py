@@ -53,11 +53,14 @@ class StepSetup:
 
 
 def train_step(setup: StepSetup, batches: Sequence[tuple[torch.Tensor, torch.Tensor]], weight: float, idle: int = 0,
-               idle_input: torch.Tensor | None = None) -> torch.Tensor:
+               idle_input: torch.Tensor | None = None,
+               grad_norm: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One optimiser step over micro-batches (sampling.py): the gradient of the sum over `batches` of
     `weight` x their summed loss, all-reduced once, in the last backward (DDP's no_sync before it). `idle`
     zero-weight passes on `idle_input` come first, in eval mode (no BatchNorm statistics, no dropout): they
-    keep every rank's forwards and backwards in step. Returns the weighted loss, on the device (no host sync)."""
+    keep every rank's forwards and backwards in step. Returns the weighted loss, on the device (no host sync),
+    and with `grad_norm` the total 2-norm of the gradient the optimiser steps with: after the all-reduce (the
+    same on every rank) and unscaled under fp16, also on the device."""
     net, optimizer, scaler = setup.net, setup.optimizer, setup.scaler
     passes: list[tuple[torch.Tensor, torch.Tensor | None]] = [(idle_input, None)] * idle + list(batches)
     optimizer.zero_grad(set_to_none=True)
@@ -73,13 +76,18 @@ def train_step(setup: StepSetup, batches: Sequence[tuple[torch.Tensor, torch.Ten
                     loss = F.cross_entropy(net(x), y, reduction="sum", label_smoothing=setup.label_smoothing) * weight
                     losses.append(loss.detach())
             scaler.scale(loss).backward()
+    norm = None
+    if grad_norm:
+        scaler.unscale_(optimizer)  # the step then uses these unscaled gradients as they are (a no-op off fp16)
+        norm = torch.nn.utils.get_total_norm([p.grad for group in optimizer.param_groups for p in group["params"]
+                                              if p.grad is not None])
     scaler.step(optimizer)
     scaler.update()
     if setup.scheduler is not None:
         setup.scheduler.step()
     if len(losses) == 1:
-        return losses[0]
-    return torch.stack(losses).sum() if losses else torch.zeros((), device=passes[0][0].device)
+        return losses[0], norm
+    return (torch.stack(losses).sum() if losses else torch.zeros((), device=passes[0][0].device)), norm
 
 
 def no_sync(net: nn.Module, skip: bool) -> AbstractContextManager:

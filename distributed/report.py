@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from serve_cli.base.files import write_json
+from serve_cli.base.progress import Progress
 
 from .checkpoint import RunState
 from .config import TrainConfig, hparams_of
@@ -28,7 +29,14 @@ PROJECTOR_IMAGES = 2000
 # took 7.4 GB and 22 s per epoch before these bounds.
 MATRIX_CLASSES = 30  # the confusion image shows the classes with the most mistakes
 CURVE_CLASSES = 50  # per-class recall/precision curves and PR curves: the first classes, the same every epoch
-# Hyper-parameters shown in the HParams tab: what the model learned from, not where files went.
+# What tells runs apart: the HParams table's first columns, ticked when it opens (tb.TensorBoardLogger.hparams).
+HPARAMS_APART = ("dataset", "task", "model", "lr", "global_batch_size", "epochs", "world_size")
+# A window's step metrics (metrics.StepMeter.close) -> their TensorBoard tags; FLOP/s are written in TFLOP/s.
+WINDOW_TAGS = (("images_per_second", "perf/step/images_per_second"), ("step_ms", "perf/step/ms"),
+               ("data_ms", "perf/step/data_ms"), ("compute_ms", "perf/step/compute_ms"),
+               ("allreduce_ms", "perf/step/allreduce_ms"), ("flops_per_second", "perf/step/tflops"),
+               ("mfu", "perf/step/mfu"), ("memory_gib", "perf/memory/peak_gib"),
+               ("memory_reserved_gib", "perf/memory/reserved_gib"))
 
 
 class Reporter:
@@ -39,7 +47,9 @@ class Reporter:
         # purge_step drops TensorBoard events a killed run wrote after its last checkpoint: steps never rewind.
         # Rank 0 alone writes: every method below returns at once elsewhere (the one rank-0 guard).
         self.logger = TensorBoardLogger(self.run_dir, purge_step) if self.active else None
-        self.progress = self.active and sys.stderr.isatty()
+        self.progress: Progress | None = None  # made at the first step: its total needs the steps per epoch
+        self.progress_epoch = -1
+        self.progress_fields = ""  # the last window's figures, shown by the progress line
 
     def started(self, resumed_at: str | None, model: nn.Module, example: torch.Tensor) -> None:
         if not self.active:
@@ -72,16 +82,39 @@ class Reporter:
                   + ("the interrupted epoch restarts, " if epoch_restarted else "")
                   + "schedule re-fitted to the new length", flush=True)
 
-    def step(self, step: int, loss: torch.Tensor, per_image: float, lr: float, epoch: int, batch: int,
-             batches: int) -> None:
-        """Every --log-every steps: rank 0's mean loss (its weighted loss times `per_image`) and the rate."""
-        if not self.active or step % self.cfg.log_every:
+    def step(self, epoch: int, step_in_epoch: int, steps: int) -> None:
+        """Every step: the progress line (a live bar on a terminal, else a plain line every --progress-every s)."""
+        if not self.active:
             return
-        value = loss.item() * per_image
-        self.logger.scalar("train/loss", value, step)
-        self.logger.scalar("train/lr", lr, step)
-        if self.progress:
-            print(f"\repoch {epoch + 1} [{batch}/{batches}] loss {value:.4f}", end="", file=sys.stderr, flush=True)
+        if self.progress is None:
+            self.progress = Progress(self.cfg.epochs * steps, "", "step", initial=epoch * steps + step_in_epoch - 1,
+                                     every=self.cfg.progress_every, plain=sys.stdout)
+            self.progress.show(self.progress_fields)
+        if self.progress_epoch != epoch:
+            self.progress_epoch = epoch
+            self.progress.describe(f"epoch {epoch + 1}/{self.cfg.epochs}")
+        self.progress.update()
+
+    def window(self, step: int, m: dict[str, Any]) -> None:
+        """Every --log-every steps: the window's step metrics (metrics.py) in TensorBoard and the progress line."""
+        if not self.active:
+            return
+        logger = self.logger
+        for key in ("loss", "lr", "grad_norm", "loss_scale"):
+            if key in m:
+                logger.scalar(f"train/{key}", m[key], step)
+        for key, tag in WINDOW_TAGS:
+            if key in m:
+                logger.scalar(tag, m[key] * (1e-12 if key == "flops_per_second" else 1), step)
+        for name, values in m["ranks"].items():
+            if name in ("data_ms", "memory_gib") and len(values) > 1:
+                for rank, value in enumerate(values):
+                    logger.scalar(f"perf/rank/{name}/rank{rank}", value, step)
+        mfu = f"  MFU {m['mfu']:.1%}" if "mfu" in m else f"  {m['flops_per_second'] / 1e9:,.1f} GFLOP/s"
+        self.progress_fields = (f"{m['images_per_second']:,.0f} img/s  {m['step_ms']:.1f} ms/step  loss "
+                                f"{m['loss']:.4f}{mfu}  mem {m['memory_gib']:.2f} GiB")
+        if self.progress is not None:
+            self.progress.show(self.progress_fields)
 
     def epoch(self, record: dict[str, float], test: EvalResult | None, split: Split) -> None:
         """An epoch's console line and TensorBoard scalars; the test split's views when it was scored."""
@@ -95,9 +128,8 @@ class Reporter:
             logger.scalar(f"perf/{key}", record[key], step)
         if test is not None:
             self.test_views(test, split, step)
-        if self.progress:
-            print("\r\033[K", end="", file=sys.stderr)
-        print(epoch_line(record, self.cfg.epochs), flush=True)
+        line = epoch_line(record, self.cfg.epochs)
+        self.progress.write(line) if self.progress is not None else print(line, flush=True)
 
     def test_views(self, test: EvalResult, split: Split, step: int) -> None:
         """Per-class curves, the confusion matrix, the predictions grid and the mistakes of a scored test split."""
@@ -145,6 +177,7 @@ class Reporter:
     def finished(self, metrics: dict[str, Any], test: EvalResult, model: nn.Module, split: Split) -> None:
         if not self.active:
             return
+        self.close_progress()
         write_json(self.run_dir / "metrics.json", metrics)
         step, logger, classes = metrics["steps"], self.logger, self.task.classes
         labels = split.labels.cpu()
@@ -163,9 +196,16 @@ class Reporter:
         metric_tags = ["test/accuracy", "test/loss", "perf/train_seconds"]
         if metrics["val_accuracy"] is not None:
             metric_tags.insert(1, "val/accuracy")
-        logger.hparams(hparams | {"world_size": self.env.world_size, "device": self.env.device.type}, metric_tags)
+        logger.hparams(hparams | {"world_size": self.env.world_size, "device": self.env.device.type}, metric_tags,
+                       apart=HPARAMS_APART)
+
+    def close_progress(self) -> None:
+        if self.progress is not None:
+            self.progress.close()
+            self.progress = None
 
     def close(self) -> None:
+        self.close_progress()
         if self.logger is not None:
             self.logger.close()
 

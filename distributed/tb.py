@@ -68,15 +68,27 @@ class TensorBoardLogger:
         except Exception as e:  # the graph is a nicety; never fail a run over it
             print(f"warning: model graph not written to TensorBoard ({type(e).__name__}: {e})")
 
-    def hparams(self, hparams: dict[str, Any], metric_tags: Sequence[str]) -> None:
+    def hparams(self, hparams: dict[str, Any], metric_tags: Sequence[str], apart: Sequence[str]) -> None:
         """The HParams tab's row for this run. Its metric columns read the last value of existing scalar
-        curves, so no lone-point scalars clutter the Time Series tab."""
+        curves, so no lone-point scalars clutter the Time Series tab.
+
+        What TensorBoard (2.21) honours, read from its code and checked in the browser: the experiment's
+        hparams are sorted by (not `differs`, name) and the HParams table ticks the first five, so the names
+        in `apart` are declared as differing (they tell runs apart) and come first; the order they are
+        written in is not kept. Every number is shown with 5 significant digits (64 as 64.000), so whole
+        numbers and booleans are written as text (no domain: a one-run domain would filter other runs out)."""
+        from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
         from torch.utils.tensorboard.summary import hparams as hparams_summary
-        # Booleans as words: the HParams table would show True as 1.0000.
-        clean = {k: v if isinstance(v, (int, float, str)) and not isinstance(v, bool) else str(v).lower()
+        clean = {k: v if isinstance(v, float) else str(v).lower() if isinstance(v, bool) else str(v)
                  for k, v in hparams.items()}
         # Written into this run's own event file (add_hparams would start a separate sub-run).
-        for summary in hparams_summary(clean, dict.fromkeys(metric_tags, 0.0)):
+        experiment, start, end = hparams_summary(clean, dict.fromkeys(metric_tags, 0.0))
+        value = experiment.value[0]
+        data = HParamsPluginData.FromString(value.metadata.plugin_data.content)
+        for info in data.experiment.hparam_infos:
+            info.differs = info.name in apart
+        value.metadata.plugin_data.content = data.SerializeToString()
+        for summary in (experiment, start, end):
             self.writer.file_writer.add_summary(summary)
 
     def close(self) -> None:

@@ -26,6 +26,7 @@ from .data import Split
 from .datasets import DataError
 from .engine import StepSetup, synchronize, train_step
 from .evaluation import EvalResult, evaluate
+from .metrics import epoch_summary
 from .run_dir import CHECKPOINT_DIR, RunDirError
 from .report import done_line, final_metrics
 from .stopping import Diverged, Preempted, StopRequest, exit_now, fail
@@ -61,13 +62,18 @@ class Trainer:
         self.amp = str(parts.dtype or "off").replace("torch.", "")  # as the checkpoint and metrics name it
         self.setup = StepSetup(parts.net, parts.optimizer, parts.scheduler, parts.scaler, parts.dtype,
                                self.cfg.label_smoothing)
+        self.windows: list[dict[str, Any]] = []  # the current epoch's step-metric windows
 
     @classmethod
     def build(cls, cfg: TrainConfig, env: comms.DistEnv, stop: StopRequest, phases: Phases) -> Trainer:
         return cls(env, build_parts(cfg, env, phases), stop, phases)
 
     def close(self) -> None:
-        self.parts.closing.close()
+        try:
+            if self.parts.profiler is not None:  # a run that ended (or stopped) inside --profile-steps
+                self.parts.profiler.stop()
+        finally:
+            self.parts.closing.close()
 
     def save_checkpoint(self, best: bool = False) -> None:
         """Collective (buffers and RNG states of every rank), then rank 0 writes atomically; every rank learns
@@ -114,17 +120,27 @@ class Trainer:
     def train_epoch(self) -> bool:
         """The rest of the current epoch; True when the ranks agreed to stop at its end."""
         run, cfg, plan = self.parts.run, self.cfg, self.parts.plan
+        meter, profiler = self.parts.meter, self.parts.profiler
         order = plan.order(run.epoch, self.env.device)
         segment = Segment(run.step_in_epoch)
+        self.windows = []
         self.setup.net.train()
         synchronize(self.env.device)
+        if meter is not None:
+            meter.open(run.step, plan.images_done(run.step_in_epoch))
         while run.step_in_epoch < plan.steps:  # resuming mid-epoch starts at the next step, at any world size
-            loss, per_image = self.step(order, run.step_in_epoch)
+            logged = meter is not None and (run.step + 1) % cfg.log_every == 0
+            if profiler is not None:
+                profiler.before_step(run.step + 1)
+            loss, per_image, norm = self.step(order, run.step_in_epoch, grad_norm=logged)
             segment.add(loss)
             run.step += 1
             run.step_in_epoch += 1
-            self.parts.report.step(run.step, loss, per_image, self.setup.optimizer.param_groups[0]["lr"], run.epoch,
-                                   run.step_in_epoch, plan.steps)
+            if profiler is not None:
+                profiler.after_step(run.step)
+            if logged:
+                self.windows.append(self.log_window(loss * per_image, norm))
+            self.parts.report.step(run.epoch, run.step_in_epoch, plan.steps)
             if run.step_in_epoch == plan.steps:
                 break
             save = cfg.checkpoint_every_steps and run.step % cfg.checkpoint_every_steps == 0
@@ -134,21 +150,43 @@ class Trainer:
                     self.account(segment)
                     self.save_checkpoint()
                     segment = Segment(run.step_in_epoch)
+                    if meter is not None:  # the save is not a step's time
+                        meter.open(run.step, plan.images_done(run.step_in_epoch))
                 if stopping:
                     raise Preempted(self.preempted_message())
         stopping = self.agree(segment)
         self.account(segment)
         return stopping
 
-    def step(self, order: torch.Tensor, step: int) -> tuple[torch.Tensor, float]:
+    def step(self, order: torch.Tensor, step: int,
+             grad_norm: bool = False) -> tuple[torch.Tensor, float, torch.Tensor | None]:
         """Optimiser step `step` of the epoch whose permutation is `order`: this rank's micro-batches. Returns
-        the weighted loss (summed over ranks: the step's mean) and what turns it into this rank's mean."""
+        the weighted loss (summed over ranks: the step's mean), what turns it into this rank's mean, and with
+        `grad_norm` the gradient's norm (engine.train_step)."""
         train, share = self.parts.train, self.parts.plan.share(order, step)
+        began = time.perf_counter()
         batches = [train.batch(index, self.cfg.augment) for index in share.micro_batches]
         idle_input = train.batch(share.block[:1])[0] if share.idle else None
-        loss = train_step(self.setup, batches, share.weight, share.idle, idle_input)
+        if self.parts.meter is not None:
+            self.parts.meter.data_time(time.perf_counter() - began)
+        loss, norm = train_step(self.setup, batches, share.weight, share.idle, idle_input, grad_norm=grad_norm)
         images = sum(len(index) for index in share.micro_batches)
-        return loss, 1 / (share.weight * images) if images else 1.0
+        return loss, 1 / (share.weight * images) if images else 1.0, norm
+
+    def log_window(self, loss: torch.Tensor, norm: torch.Tensor | None) -> dict[str, Any]:
+        """A logged step (every rank, the same step): the window's metrics, with rank 0's mean loss, the lr, the
+        gradient norm and the fp16 loss scale; handed to the Reporter."""
+        run, plan, scaler = self.parts.run, self.parts.plan, self.parts.scaler
+        m = self.parts.meter.close(run.step, plan.images_done(run.step_in_epoch),
+                                   lambda values: comms.all_gather_floats(values, self.env))
+        m["loss"] = loss.item()
+        m["lr"] = self.setup.optimizer.param_groups[0]["lr"]
+        if norm is not None:
+            m["grad_norm"] = norm.item()
+        if scaler.is_enabled():
+            m["loss_scale"] = scaler.get_scale()
+        self.parts.report.window(run.step, m)
+        return m
 
     def agree(self, segment: Segment) -> bool:
         """One collective: whether any rank got a stop signal (stop together, or the others would wait forever
@@ -200,6 +238,8 @@ class Trainer:
         record = {"epoch": run.epoch, "step": run.step, "train_loss": run.epoch_loss_sum / max(run.step_in_epoch, 1),
                   "images_per_second": self.parts.plan.images_done(run.step_in_epoch) / max(run.epoch_seconds, 1e-9),
                   "epoch_seconds": run.epoch_seconds, "train_seconds": run.train_seconds}
+        if self.windows:
+            record["steps_logged"] = epoch_summary(self.windows)
         if test is not None:
             record.update(test_loss=test.loss, test_accuracy=test.accuracy)
         if val is not None:

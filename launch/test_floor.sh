@@ -17,4 +17,4 @@ if [[ ! -f "$stamp" ]]; then
   rm -f "$VENV"/.installed-* && touch "$stamp"
 fi
 "$VENV/bin/python" -c 'import torch; print(f"floor: torch {torch.__version__}")'
-exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/test_train.py tests/test_export.py tests/test_torchrun.py "$@"
+exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/test_train.py tests/test_export.py tests/test_torchrun.py tests/test_step_metrics.py "$@"

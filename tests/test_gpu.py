@@ -161,3 +161,23 @@ def test_more_ranks_than_gpus_is_one_line(synthetic_data, tmp_path: Path) -> Non
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert errors and f"only {torch.cuda.device_count()} GPU(s) visible" in errors[0]
     assert "LaunchError" not in proc.stderr  # no worker traceback: the exception class would be in it
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_step_metrics_on_cuda(amp: str, synthetic_data, tmp_path: Path) -> None:
+    """CUDA's peak allocated and reserved memory per window, the MFU from the datasheet table (a GPU the table
+    knows) or FLOP/s alone, and fp16's loss scale."""
+    from distributed.metrics import device_peak_flops
+    from distributed.train import main
+    assert main(train_args(synthetic_data, tmp_path, "--amp", amp, "--log-every", "2")) == 0
+    history = metrics(tmp_path)["history"]
+    for record in history:
+        summary = record["steps_logged"]
+        assert 0 < summary["memory_gib"] <= summary["memory_reserved_gib"] < torch.cuda.get_device_properties(
+            0).total_memory / 2 ** 30
+        assert summary["flops_per_second"] > 0 and summary["grad_norm"] > 0
+        known = device_peak_flops(torch.device("cuda"), {"bf16": torch.bfloat16, "fp16": torch.float16}[amp])
+        assert ("mfu" in summary) == (known is not None)
+        if known:
+            assert 0 < summary["mfu"] <= 1
+        assert ("loss_scale" in summary) == (amp == "fp16")

@@ -168,7 +168,21 @@ def test_hparams_use_the_curves_and_leave_no_lone_points(ddp_events) -> None:
     assert {"task", "model", "lr", "seed", "world_size"} <= names and not names & {"run_dir", "data_dir"}
     session = plugin_data_pb2.HParamsPluginData.FromString(
         ddp_events.SummaryMetadata("_hparams_/session_start_info").plugin_data.content).session_start_info
-    assert session.hparams["world_size"].number_value == 2 and session.hparams["augment"].string_value == "false"
+    # whole numbers as text (TensorBoard shows every number with 5 digits: 64 as 64.000), fractions as numbers
+    assert session.hparams["world_size"].string_value == "2" and session.hparams["augment"].string_value == "false"
+    assert session.hparams["batch_size"].string_value == "64" and session.hparams["lr"].number_value == 1e-3
+
+
+def test_hparams_table_opens_on_what_tells_runs_apart(ddp_events) -> None:
+    """TensorBoard's own ordering (its backend sorts by differs, then name; the table ticks the first five)."""
+    from tensorboard.plugins.hparams.backend_context import _sort_and_reduce_to_hparams_limit
+    content = ddp_events.SummaryMetadata("_hparams_/experiment").plugin_data.content
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(content).experiment
+    _sort_and_reduce_to_hparams_limit(experiment)
+    names = [h.name for h in experiment.hparam_infos]
+    apart = ["dataset", "epochs", "global_batch_size", "lr", "model", "task", "world_size"]
+    assert names[:7] == apart and [h.differs for h in experiment.hparam_infos[:8]] == [True] * 7 + [False]
+    assert not {h.name for h in experiment.hparam_infos if h.HasField("domain_discrete")}  # no runs filtered out
 
 
 def test_phase_breakdown(ddp_run, ddp_events) -> None:
