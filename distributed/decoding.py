@@ -5,16 +5,19 @@ from __future__ import annotations
 import gc
 import multiprocessing
 import signal
+import sys
 from pathlib import Path
 
 import numpy as np
 
 from serve_cli.base.cli import usable_cores
 from serve_cli.base.images import digits_or_reasons
+from serve_cli.base.progress import Progress
 
 
-def decode_all(paths: list[Path], chunk: int = 500) -> list[np.ndarray | str]:
-    """Every file through serve_cli's preprocessing, in a pool of processes (one per core).
+def decode_all(paths: list[Path], chunk: int = 500, label: str = "decoding") -> list[np.ndarray | str]:
+    """Every file through serve_cli's preprocessing, in a pool of processes (one per core), with progress: a
+    live line on a terminal, else a plain line every 30 s (the process that decodes: each node's local rank 0).
 
     "spawn": a fork of a process that holds torch's thread pools can deadlock. A Ctrl-C reaches the whole
     process group, and so does a closed terminal's SIGHUP: the workers ignore both (they are started with them
@@ -22,8 +25,20 @@ def decode_all(paths: list[Path], chunk: int = 500) -> list[np.ndarray | str]:
     not: the spawn resets it) and the parent, stopping, terminates them (SIGTERM ends a worker silently)."""
     workers = min(usable_cores(), -(-len(paths) // chunk))
     chunks = [paths[i:i + chunk] for i in range(0, len(paths), chunk)]
+    progress = Progress(len(paths), label, "image", plain=sys.stdout)
+    try:
+        return decode_chunks(chunks, workers, progress)
+    finally:
+        progress.close()
+
+
+def decode_chunks(chunks: list[list[Path]], workers: int, progress: Progress) -> list[np.ndarray | str]:
+    results: list[np.ndarray | str] = []
     if workers <= 1:
-        return [r for c in chunks for r in digits_or_reasons(c)]
+        for c in chunks:
+            results += digits_or_reasons(c)
+            progress.update(len(c))
+        return results
     # For the milliseconds the workers take to start, a Ctrl-C is lost to the parent too; it can be pressed again.
     previous = {signum: signal.signal(signum, signal.SIG_IGN) for signum in (signal.SIGINT, signal.SIGHUP)}
     try:
@@ -32,7 +47,9 @@ def decode_all(paths: list[Path], chunk: int = 500) -> list[np.ndarray | str]:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     try:
-        results = pool.map(digits_or_reasons, chunks)
+        for part in pool.imap(digits_or_reasons, chunks):  # in order
+            results += part
+            progress.update(len(part))
     except BaseException as e:
         pool.terminate()
         pool.join()
@@ -44,7 +61,7 @@ def decode_all(paths: list[Path], chunk: int = 500) -> list[np.ndarray | str]:
         raise error from None
     pool.close()
     pool.join()
-    return [r for part in results for r in part]
+    return results
 
 
 def quiet_worker() -> None:

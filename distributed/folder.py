@@ -183,7 +183,7 @@ def decoded(root: Path, classes: tuple[str, ...], files: list[ListedFile]) -> Fo
         except (ValueError, KeyError, TypeError):  # damaged inside: decode again, and repair it below
             pass
     images, labels, tests, skipped = [], [], [], []
-    for f, result in zip(files, decode_all([root / f.path for f in files])):
+    for f, result in zip(files, decode_all([root / f.path for f in files], label=f"decoding folder:{root}")):
         if isinstance(result, str):
             skipped.append((f.path, result))
             continue

@@ -87,8 +87,10 @@ class Reporter:
         if not self.active:
             return
         if self.progress is None:
-            self.progress = Progress(self.cfg.epochs * steps, "", "step", initial=epoch * steps + step_in_epoch - 1,
-                                     every=self.cfg.progress_every, plain=sys.stdout)
+            self.progress = Progress(self.cfg.epochs * steps, f"epoch {epoch + 1}/{self.cfg.epochs}", "step",
+                                     initial=epoch * steps + step_in_epoch - 1, every=self.cfg.progress_every,
+                                     plain=sys.stdout)
+            self.progress_epoch = epoch
             self.progress.show(self.progress_fields)
         if self.progress_epoch != epoch:
             self.progress_epoch = epoch

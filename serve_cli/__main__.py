@@ -22,6 +22,7 @@ import numpy as np
 from .base.cli import (NON_NEGATIVE_INT, DefaultsHelpFormatter, Stopped, UsageError, number_in, stop_signals_raise,
                        usable_cores)
 from .base.images import find_images
+from .base.progress import Progress
 from .base.manifest import ManifestError, verify_file
 from .model import (ARTIFACT_OF, MODEL_ENV, PRECISIONS, LoadedModel, ModelError, default_model_dir, open_manifest,
                     resolve_model, softmax)
@@ -129,23 +130,23 @@ def predict(args: argparse.Namespace, written: Written) -> int:
 def run_predictions(stream: TextIO, paths: Iterable[Path], pool: Executor, model: LoadedModel | None,
                     classes: list[str], format: str, batch_size: int, in_flight: int, top_k: int) -> tuple[int, int]:
     """Stream rows batch by batch; (images, failures)."""
-    show_progress = sys.stderr.isatty()
+    # A live line on stderr when it is a terminal and the rows go elsewhere (a file, a pipe): never between rows.
+    # Only runs longer than a second show it.
+    progress = Progress(None, "predict", "image", delay=1.0, live=sys.stderr.isatty() and not stream.isatty())
     count = failed = 0
-    start = time.perf_counter()
     writer = None  # made at the first rows: a run that fails before any prediction prints nothing
-    for batch, chunk in processed_batches(paths, pool, batch_size, in_flight):
-        rows = predict_rows(batch, chunk, model, classes, top_k)
-        writer = writer or WRITERS[format](stream, min(top_k, len(classes)))
-        for row in rows:
-            writer.write(row)
-            failed += row.error is not None
-        count += len(batch)
-        stream.flush()
-        if show_progress:
-            rate = count / (time.perf_counter() - start)
-            print(f"\r{count:,} images, {rate:,.0f}/s", end="", file=sys.stderr, flush=True)
-    if show_progress:
-        print(file=sys.stderr)
+    try:
+        for batch, chunk in processed_batches(paths, pool, batch_size, in_flight):
+            rows = predict_rows(batch, chunk, model, classes, top_k)
+            writer = writer or WRITERS[format](stream, min(top_k, len(classes)))
+            for row in rows:
+                writer.write(row)
+                failed += row.error is not None
+            count += len(batch)
+            stream.flush()
+            progress.update(len(batch))
+    finally:
+        progress.close()
     return count, failed
 
 

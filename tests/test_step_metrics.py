@@ -161,3 +161,38 @@ def test_grad_norm_is_the_all_reduced_gradients_norm_on_every_rank() -> None:
         (norm0, expected0), (norm1, expected1) = out[0], out[1]
     assert expected0 == pytest.approx(expected1, rel=1e-6)
     assert norm0 == norm1 == pytest.approx(expected0, rel=1e-5)
+
+
+def test_a_terminal_gets_one_live_line_and_no_plain_lines(synthetic_data, tmp_path) -> None:
+    """Under a pseudo-terminal (10 steps an epoch at one rank): tqdm's line (carriage returns redrawing one line), the epoch line printed above
+    it, and no plain progress lines."""
+    import pty
+    import select
+    import sys
+    import fcntl
+    import struct
+    import termios
+    primary, secondary = pty.openpty()
+    fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 150, 0, 0))  # a new pty is 0 x 0: no bar
+    cmd = [sys.executable, "-m", "distributed.train", "--data-dir", str(synthetic_data), "--run-dir", str(tmp_path),
+           "--epochs", "2", "--model", "mlp", "--device", "cpu", "--log-every", "1", "--progress-every", "0"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdin=secondary, stdout=secondary, stderr=secondary)
+    os.close(secondary)
+    out = b""
+    while True:
+        ready, _, _ = select.select([primary], [], [], 120)
+        try:
+            chunk = os.read(primary, 65536) if ready else b""
+        except OSError:  # the child closed the terminal
+            chunk = b""
+        if not chunk:
+            break
+        out += chunk
+    assert proc.wait(timeout=60) == 0, out.decode(errors="replace")[-2000:]
+    text = out.decode(errors="replace")
+    import re
+    assert re.search(r"\repoch 1/2: +\d+%\|[^|]*\| *\d+/20 \[", text)  # tqdm's line, redrawn with \r
+    # redrawn after the epoch line printed above it, with the last window's figures
+    assert re.search(r"\| *\d+/20 \[[^\]]*step/s, [\d,]+ img/s +[\d.]+ ms/step +loss [\d.]+ ", text)
+    assert "  step 1/20 (5%)" not in text  # the plain line's form
+    assert text.count("epoch 1/2  train loss") == 1

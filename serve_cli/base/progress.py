@@ -20,7 +20,7 @@ def clock(seconds: float) -> str:
 
 class Progress:
     def __init__(self, total: int | None, desc: str, unit: str = "it", *, initial: int = 0, every: float = 30.0,
-                 plain: TextIO | None = None, live: bool | None = None) -> None:
+                 plain: TextIO | None = None, live: bool | None = None, delay: float = 0.0) -> None:
         self.total, self.desc, self.unit, self.every, self.plain = total, desc, unit, every, plain
         self.n, self.start_n = initial, initial
         self.fields = ""
@@ -29,7 +29,7 @@ class Progress:
         if sys.stderr.isatty() if live is None else live:
             from tqdm import tqdm
             self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True,
-                            leave=False, smoothing=0.1)
+                            leave=False, smoothing=0.1, delay=delay)
 
     def update(self, n: int = 1) -> None:
         self.n += n
