@@ -123,6 +123,20 @@ MUTANTS: dict[str, tuple[str, str, str, str]] = {
                               "single_left_out = False and", "tests/test_batchnorm.py -k never_trains_on_one"),
     "stop_ignored_in_evaluation": ("distributed/train.py", "if stopping or comms.any_rank([self.stop.signal is not None], "
                                    "self.env)[0]:", "if stopping:", "tests/test_train_failures.py -k last_evaluation"),
+    "grad_norm_of_one_tensor": ("distributed/engine.py", 'for group in optimizer.param_groups for p in group["params"]',
+                                'for group in optimizer.param_groups for p in group["params"][:1]',
+                                "tests/test_step_metrics.py -k grad_norm"),
+    "windows_never_reset": ("distributed/metrics.py", "            out[\"mfu\"] = out[\"flops_per_second\"] / self.job_peak_flops\n"
+                            "        self.open(step, images)", "            out[\"mfu\"] = out[\"flops_per_second\"] / "
+                            "self.job_peak_flops", "tests/test_step_metrics.py -k add_up"),
+    "data_wait_not_recorded": ("distributed/train.py", "self.parts.meter.data_time(time.perf_counter() - began)",
+                               "pass", "tests/test_step_metrics.py -k add_up"),
+    "peak_per_rank_on_the_cpu": ("distributed/metrics.py", "return node_peak * max(world_size // max(local_world_size, 1), 1)",
+                                 "return node_peak * world_size", "tests/test_step_metrics.py -k add_up"),
+    "hparams_all_alike": ("distributed/tb.py", "info.differs = info.name in apart", "info.differs = False",
+                          "tests/test_tensorboard.py -k tells_runs_apart"),
+    "progress_never_live": ("serve_cli/base/progress.py", "if sys.stderr.isatty() if live is None else live:",
+                            "if False:", "tests/test_step_metrics.py -k terminal"),
 }
 
 

@@ -100,6 +100,17 @@ def test_profile_steps_write_each_ranks_trace_and_table(metrics_run) -> None:
     assert not [p for p in (run_dir / "profile").iterdir() if p.name.startswith(".")]  # no temp files left
 
 
+def test_metrics_change_no_weight(metrics_run, synthetic_data, tmp_path) -> None:
+    """The same run without step metrics (no comm hook, no gradient norm, no profile) ends bit-identical."""
+    run_dir, _ = metrics_run
+    proc = subprocess.run(torchrun(2, "--data-dir", str(synthetic_data), "--run-dir", str(tmp_path), "--epochs", "2",
+                                   "--log-every", "0"), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with_metrics, without = (json.loads((d / "metrics.json").read_text()) for d in (run_dir, tmp_path))
+    assert with_metrics["replica_weight_sha256"] == without["replica_weight_sha256"]
+    assert "steps_logged" not in without["history"][0] and "  step " not in proc.stdout  # no windows, no lines
+
+
 def test_no_mfu_without_a_peak_on_the_cpu_and_no_metrics_at_log_every_0(synthetic_data, tmp_path) -> None:
     base = ["--data-dir", str(synthetic_data), "--epochs", "1", "--model", "mlp", "--device", "cpu"]
     assert main([*base, "--run-dir", str(tmp_path / "a"), "--log-every", "1"]) == 0
