@@ -17,7 +17,7 @@ train() {  # run dir, flags...
 train digits-1epoch
 train digits-3epochs --epochs 3 --val-size 5000
 PORT="${PORT:-6123}"
-tensorboard --logdir "$WORK/runs" --host 127.0.0.1 --port "$PORT" >"$WORK/tensorboard.log" 2>&1 &
+"$(command -v tensorboard)" --logdir "$WORK/runs" --host 127.0.0.1 --port "$PORT" >"$WORK/tensorboard.log" 2>&1 &
 tb=$!
 trap 'kill "$tb" 2>/dev/null || true' EXIT
 for _ in $(seq 60); do curl -sf "http://127.0.0.1:$PORT/" >/dev/null && break; sleep 1; done
@@ -28,8 +28,9 @@ shot() {  # name, url
   echo "$WORK/png/$1.png"
 }
 base="http://127.0.0.1:$PORT"
-shot tb_scalars "$base/?tagFilter=test%2F|val%2F#timeseries"
-shot tb_perf "$base/?tagFilter=perf%2Fstep|train%2F#timeseries"
+# The Scalars tab, not Time Series: Time Series draws with WebGL, which headless Chromium leaves blank here.
+shot tb_scalars "$base/#scalars&tagFilter=test%2F%7Cval%2F&_smoothingWeight=0"
+shot tb_perf "$base/#scalars&tagFilter=perf%2Fstep%7Ctrain%2F&_smoothingWeight=0"
 shot tb_images "$base/#images"
 shot tb_text "$base/#text"
 shot tb_per_class "$base/#custom_scalars"
