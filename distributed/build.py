@@ -120,8 +120,7 @@ def _build(cfg: TrainConfig, env: comms.DistEnv, phases: Phases, closing: ExitSt
         if isinstance(net, DDP):  # DDP's own all-reduce, timed (metrics.AllReduceTimer)
             allreduce = AllReduceTimer(env.device)
             net.register_comm_hook(None, allreduce.hook)
-        meter = StepMeter(env.device, env.world_size,
-                          training_flops_per_image(model, tuple(example.shape[1:]), task.num_classes),
+        meter = StepMeter(env.device, training_flops_per_image(model, tuple(example.shape[1:]), task.num_classes),
                           job_peak_flops(cfg.peak_flops, env.device, dtype, env.world_size, env.local_world_size),
                           allreduce)
     profiler = StepProfiler(cfg.profile_steps, run_dir / "profile", env.rank, env.world_size,

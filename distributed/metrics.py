@@ -140,7 +140,6 @@ class Window:
 class StepMeter:
     """One rank's measurements; `close` returns the window's figures at a logged step (a collective)."""
     device: torch.device
-    world_size: int
     flops_per_image: float
     job_peak_flops: float | None  # every rank's devices together; None: FLOP/s without a percentage
     allreduce: AllReduceTimer | None
