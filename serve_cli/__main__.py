@@ -66,31 +66,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def predict_rows(batch: list[Path], chunk: Chunk, model: LoadedModel | None, classes: list[str],
+def predict_rows(batch: list[str], chunk: Chunk, model: LoadedModel | None, classes: list[str],
                  top_k: int) -> list[Row]:
     logits = chunk.logits
     if logits is None and chunk.images is not None:
         assert model is not None, "the images came back to be run here"
         logits = model.run(chunk.images)
     probs = softmax(logits) if logits is not None else np.empty((0, 0))
+    # the batch's answers at once, as Python numbers: per row, numpy's calls would cost more than the row
+    winners = probs.argmax(axis=1) if len(probs) else np.empty(0, dtype=np.intp)
+    best, confidence = winners.tolist(), probs[np.arange(len(probs)), winners].tolist()
     k = min(top_k, len(classes))
+    top = np.argsort(-probs, axis=1, kind="stable")[:, :k].tolist() if k else None
     rows, j = [], 0
     for path, error in zip(batch, chunk.errors):
         if error is not None:
-            rows.append(Row(str(path), error=error))
+            rows.append(Row(path, error=error))
             continue
-        p = probs[j]
+        b = best[j]
+        alternatives = tuple((classes[c], float(probs[j, c])) for c in top[j]) if top else ()
+        rows.append(Row(path, classes[b], b, confidence[j], alternatives))
         j += 1
-        best = int(p.argmax())
-        top = tuple((classes[c], float(p[c])) for c in np.argsort(-p)[:k]) if k else ()
-        rows.append(Row(str(path), classes[best], best, float(p[best]), top))
     return rows
 
 
-def check_inputs(inputs: list[str], recursive: bool) -> Iterator[Path]:
+def check_exist(inputs: list[str]) -> None:
     missing = [i for i in inputs if not os.path.lexists(i)]
     if missing:
         raise UsageError(f"no such file or folder: {missing[0]}")
+
+
+def check_inputs(inputs: list[str], recursive: bool) -> Iterator[str]:
     paths = find_images(inputs, recursive)
     first = next(paths, None)
     if first is None:
@@ -101,7 +107,7 @@ def check_inputs(inputs: list[str], recursive: bool) -> Iterator[Path]:
 
 def predict(args: argparse.Namespace, written: Written) -> int:
     check_output(args.output, args.inputs, args.recursive)
-    paths = check_inputs(args.inputs, args.recursive)
+    check_exist(args.inputs)
     if args.precision == "int8" and args.runtime == "torchscript":
         raise UsageError("--precision int8 runs model.int8.onnx on ONNX Runtime: drop --runtime torchscript")
     model_dir = Path(args.model) if args.model else default_model_dir()
@@ -114,6 +120,8 @@ def predict(args: argparse.Namespace, written: Written) -> int:
         worker_runtime = runtime.with_threads(args.threads or 1) if in_workers else None
         pool = worker_pool(args.workers, worker_runtime)
         try:
+            # The first folder is listed (and sorted) while the workers start and build their models.
+            paths = check_inputs(args.inputs, args.recursive)
             model = None if in_workers else LoadedModel(*runtime.build())
             count, failed = run_predictions(stream, paths, pool, model, manifest["model"]["classes"], args.format,
                                             args.batch_size, 2 * args.workers, args.top_k)
@@ -127,7 +135,7 @@ def predict(args: argparse.Namespace, written: Written) -> int:
     return 1 if failed else 0
 
 
-def run_predictions(stream: TextIO, paths: Iterable[Path], pool: Executor, model: LoadedModel | None,
+def run_predictions(stream: TextIO, paths: Iterable[str], pool: Executor, model: LoadedModel | None,
                     classes: list[str], format: str, batch_size: int, in_flight: int, top_k: int) -> tuple[int, int]:
     """Stream rows batch by batch; (images, failures)."""
     # A live line on stderr when it is a terminal and the rows go elsewhere (a file, a pipe): never between rows.

@@ -8,12 +8,10 @@ from __future__ import annotations
 import functools
 import itertools
 import multiprocessing
-import os
 import signal
 from collections import deque
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
@@ -58,7 +56,7 @@ def decode(paths: list[str]) -> tuple[list[np.ndarray], list[str | None]]:
     digits: list[np.ndarray] = []
     errors: list[str | None] = []
     for path in paths:
-        result = digit_or_reason(Path(path))
+        result = digit_or_reason(path)
         if isinstance(result, str):
             errors.append(result)
         else:
@@ -68,7 +66,7 @@ def decode(paths: list[str]) -> tuple[list[np.ndarray], list[str | None]]:
 
 
 def process_batch(paths: list[str]) -> Chunk:
-    """Paths as strings: a Path is pickled as its parts and parsed again on the other side."""
+    """Paths as text (find_images's): a Path is pickled as its parts and parsed again on the other side."""
     digits, errors = decode(paths)
     if not digits:
         return Chunk(errors)
@@ -86,15 +84,19 @@ def worker_pool(workers: int, runtime: Runtime | None) -> Executor:
     if workers == 1:
         return ThreadPoolExecutor(1)  # one decoder beside the model, without a process to start
     fork = multiprocessing.get_context("fork") if "fork" in multiprocessing.get_all_start_methods() else None
-    return ProcessPoolExecutor(workers, mp_context=fork, initializer=start_worker, initargs=(runtime,))
+    pool = ProcessPoolExecutor(workers, mp_context=fork, initializer=start_worker, initargs=(runtime,))
+    # Forked workers all start at the first task: a no-op now, so that they import the runtime and build their
+    # models while the main process lists the folder, not after.
+    pool.submit(int)
+    return pool
 
 
-def processed_batches(paths: Iterable[Path], pool: Executor, batch_size: int,
-                      in_flight: int) -> Iterator[tuple[list[Path], Chunk]]:
+def processed_batches(paths: Iterable[str], pool: Executor, batch_size: int,
+                      in_flight: int) -> Iterator[tuple[list[str], Chunk]]:
     """Batches in input order; at most `in_flight` are submitted and not yet collected."""
-    pending: deque[tuple[list[Path], Future]] = deque()
+    pending: deque[tuple[list[str], Future]] = deque()
     for batch in iter(lambda: list(itertools.islice(paths, batch_size)), []):
-        pending.append((batch, pool.submit(process_batch, [os.fspath(p) for p in batch])))
+        pending.append((batch, pool.submit(process_batch, batch)))
         if len(pending) >= in_flight:
             path_batch, future = pending.popleft()
             yield path_batch, future.result()

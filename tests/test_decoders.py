@@ -190,3 +190,24 @@ def test_a_real_png_over_the_pixel_budget_gets_pillows_refusal(tmp_path: Path, m
     assert fast_gray(data) is None
     got, pillow = both(path, monkeypatch)
     assert got == pillow and "image too large (4200x4200 pixels" in got
+
+
+@pytest.mark.parametrize("high", [54, 55, 56, 57])
+def test_the_border_count_is_the_border_median(high: int) -> None:
+    """dark_border28 counts edge values of 128 and up instead of sorting them; it must say what the median says,
+    at the counts either side of the median's rank, wherever on the edge the light pixels fall."""
+    rng = np.random.default_rng(high)
+    for _ in range(200):
+        pixels = rng.integers(0, 128, (28, 28), dtype=np.uint8)
+        light = rng.choice(images.EDGE28.size, high, replace=False)  # positions in the 112 (corners twice)
+        flat = pixels.reshape(-1)
+        flat[images.EDGE28[light]] = rng.integers(128, 256, high, dtype=np.uint8)
+        assert images.dark_border28(pixels) == (images._border(pixels) < 128), (high, images._border(pixels))
+
+
+def test_a_file_that_grew_since_its_stat_is_read_to_its_end(tmp_path: Path) -> None:
+    path = tmp_path / "grown.png"
+    data = bytes(range(256)) * 40
+    path.write_bytes(data)
+    assert images.read_whole(str(path), 100) == data  # the stat said 100 bytes; 10,240 are there now
+    assert images.read_whole(str(path), len(data)) == data
