@@ -86,3 +86,17 @@ def test_a_listing_is_the_same_sorted_depth_first_order_as_before(tmp_path: Path
     flat = [os.path.relpath(p, tmp_path) for p in find_images([str(tmp_path)], recursive=False)]
     assert flat == ["a.png", "b.png", "c.png"]
     assert np.asarray(DIGIT).shape == (28, 28)
+
+
+def test_image_names_are_those_whose_splitext_suffix_is_an_image_suffix() -> None:
+    """image_name stands in for os.path.splitext per listed file: the same answer for names made of dots,
+    suffix letters in either case and other characters (".png" and "..png" have no suffix; "a..png" has one)."""
+    import random
+
+    from serve_cli.base.images import IMAGE_SUFFIXES, image_name
+    rng = random.Random(0)
+    names = ["".join(rng.choice("a.PNGpngjJ x") for _ in range(rng.randint(1, 8))) for _ in range(50_000)]
+    names += [".png", "..png", "a..png", ".a.png", "x.PNG", "x.png.txt", "png", "x.", "...", "x.jpeg", "x.tiff"]
+    wrong = [n for n in names if image_name(n) != (os.path.splitext(n)[1].lower() in IMAGE_SUFFIXES)]
+    assert not wrong, wrong[:5]
+    assert image_name("x.PNG") and not image_name(".png") and image_name("a..png")

@@ -15,7 +15,7 @@ from PIL import Image
 
 from conftest import synthetic_digits
 from serve_cli.__main__ import main
-from serve_cli.output import CsvWriter, JsonlWriter, Row, TableWriter, csv_text
+from serve_cli.output import CsvWriter, JsonlWriter, Row, TableWriter, csv_cell, csv_text
 
 # What file and class names may hold that a format could trip on: its delimiters and quotes, line ends,
 # spreadsheet formula starts, the old top_k separators, and a byte that is not UTF-8 (a surrogate escape).
@@ -115,3 +115,19 @@ def test_predict_writes_csv_that_parses_back_for_hostile_file_names(exported_run
     unescape = (lambda cell: cell[1:] if re.match(r"'+[=+\-@\t\r]", cell) else cell)  # the README's rule
     assert [unescape(row[0]) for row in rows] == names
     assert not [row[0] for row in rows if FORMULA.match(row[0])]
+
+
+def test_the_bare_csv_row_is_the_csv_modules_row(tmp_path: Path) -> None:
+    """CsvWriter writes a plain row (no error, no top-k, names needing no quotes) itself: byte for byte what the
+    csv module and csv_cell write, for hostile names too (which must take the csv module's path)."""
+    rows = [row for row in hostile_rows(5000, top_k=0, seed=3) if row.error is None]
+    rows += [Row("images/0001.png", "7", 7, 0.987654321), Row("a b/é字.png", "T-shirt/top", 0, 1.0)]
+    fast = written(CsvWriter, rows, 0, tmp_path).read_bytes()
+    expected = io.StringIO()
+    module = csv.writer(expected, lineterminator="\n")
+    quoted = csv.writer(expected, lineterminator="\n", quoting=csv.QUOTE_ALL)
+    module.writerow(("path", "class", "index", "confidence", "error"))
+    for row in rows:
+        cells = (csv_cell(row.path), csv_cell(row.label), row.index, f"{row.confidence:.6f}", "")
+        (quoted if "\r" in row.path + row.label else module).writerow(cells)
+    assert fast == expected.getvalue().encode("utf-8", "surrogateescape")

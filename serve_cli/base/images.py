@@ -78,8 +78,15 @@ def _walk(top: str, recursive: bool, seen: set[tuple[int, int]]) -> Iterator[str
             listings.pop()
         elif _is_dir(entry):
             folder = entry.path if recursive else None
-        elif os.path.splitext(entry.name)[1].lower() in IMAGE_SUFFIXES:  # Path(name).suffix, without a Path
+        elif image_name(entry.name):
             yield entry.path
+
+
+def image_name(name: str) -> bool:
+    """Whether os.path.splitext(name)[1].lower() is in IMAGE_SUFFIXES (a name of dots and a suffix, ".png", has
+    none), without its Python-level function call per file."""
+    dot = name.rfind(".")
+    return dot > 0 and name[dot:].lower() in IMAGE_SUFFIXES and bool(name[:dot].lstrip("."))
 
 
 def _listing(folder: str, seen: set[tuple[int, int]]) -> list[os.DirEntry] | None:
