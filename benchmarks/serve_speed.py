@@ -62,7 +62,10 @@ paths = timed("listing the folder", lambda: list(images.find_images([folder], Fa
 def read():
     blobs = []
     for p in paths:
-        os.stat(p)
+        size = os.stat(p).st_size
+        if hasattr(images, "read_whole"):
+            blobs.append(images.read_whole(p, size))
+            continue
         with open(p, "rb", buffering=0) as f:
             blobs.append(f.read())
     return blobs
@@ -81,7 +84,7 @@ to_digit = getattr(images, "digit_of_gray8", None)
 digits = timed("preprocessing (to an MNIST-style 28x28 digit)",
                lambda: [to_digit(d) if isinstance(d, np.ndarray) else images.digit_of(d) for d in decoded])
 timed("  = digit_bytes per file, as a worker runs it (stat, read, decode, preprocess)",
-      lambda: [images.digit_bytes(Path(p)) for p in paths])
+      lambda: [images.digit_bytes(p) for p in paths])
 x = np.stack(digits)[:, None].astype(np.float32) / np.float32(255)
 model.run(x[:256])
 logits = timed("the model (ONNX Runtime fp32, 1 thread, batches of 256)",
@@ -90,12 +93,42 @@ classes = [str(i) for i in range(logits.shape[1])]
 def rows():
     writer = WRITERS["csv"](io.StringIO(), 0)
     for i in range(0, len(paths), 256):
-        batch = [Path(p) for p in paths[i:i + 256]]
+        batch = [str(p) for p in paths[i:i + 256]]
         for row in predict_rows(batch, Chunk([None] * len(batch), logits=logits[i:i + 256]), None, classes, 0):
             writer.write(row)
 timed("writing rows (softmax, CSV)", rows)
 print(json.dumps(out))
 """
+
+
+# digit_bytes over the folder three times (the workers' per-file work), started at the wall-clock time argv[3] so
+# that two copies overlap from first file to last; prints its seconds.
+PER_FILE = r"""
+import sys, time
+sys.path.insert(0, sys.argv[1])
+from serve_cli.base.images import digit_bytes, find_images
+paths = list(find_images([sys.argv[2]], False))
+time.sleep(max(0.0, float(sys.argv[3]) - time.time()))
+start = time.perf_counter()
+for _ in range(3):
+    [digit_bytes(p) for p in paths]
+print(time.perf_counter() - start)
+"""
+
+
+def core_scaling(folder: Path, repeat: int) -> tuple[float, float]:
+    """(seconds of the per-file work alone, seconds of the slower of two copies started together), each the
+    median of `repeat` tries: how much a second core adds on this machine."""
+    def run(copies: int) -> float:
+        at = str(time.time() + 1.5)  # after both have started and imported
+        cmd = [sys.executable, "-c", PER_FILE, str(ROOT), str(folder), at]
+        procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) for _ in range(copies)]
+        return max(float(proc.communicate()[0]) for proc in procs)
+    alone, pair = [], []
+    for _ in range(repeat):
+        alone.append(run(1))
+        pair.append(run(2))
+    return statistics.median(alone), statistics.median(pair)
 
 
 def write_pngs(data_dir: str, out: Path, limit: int | None = None) -> int:
@@ -126,8 +159,10 @@ def wall(cmd: list[str], repeat: int, code: Path = ROOT) -> list[float]:
 
 def stages(code: Path, folder: Path, model_dir: Path, repeat: int) -> dict[str, float]:
     """Each stage's best time over `repeat` runs, plus the import of serve_cli (the start-up before any work)."""
+    bare = wall([sys.executable, "-c", "pass"], max(3, repeat), code)
     imports = wall([sys.executable, "-c", "import serve_cli.__main__"], max(3, repeat), code)
-    best: dict[str, float] = {"start-up: python and the imports of serve_cli": min(imports)}
+    best: dict[str, float] = {"start-up: python alone (start and exit)": min(bare),
+                              "start-up: python and the imports of serve_cli": min(imports)}
     for _ in range(repeat):
         proc = subprocess.run([sys.executable, "-c", STAGES, str(code), str(folder), str(model_dir.resolve())],
                               capture_output=True, text=True, check=True)
@@ -148,26 +183,34 @@ def main() -> None:
     manifest = json.loads((model_dir / "manifest.json").read_text())
     print(f"{platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}")
     versions = {"this checkout": ROOT, **({f"before ({args.before})": args.before.resolve()} if args.before else {})}
-    rows, profiles = [], {}
+    profiles: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "png"
         n = write_pngs(args.data_dir, folder, args.limit)
+        serve = [sys.executable, "-m", "serve_cli", "predict", str(folder), "--model", str(model_dir), "--format", "csv"]
+        commands = []  # (row name, command, checkout)
         for label, code in versions.items():
-            serve = [sys.executable, "-m", "serve_cli", "predict", str(folder), "--model", str(model_dir), "--format",
-                     "csv"]
-            runs = [("--runtime onnxruntime", [])]
+            runs = [("--runtime onnxruntime", ["--runtime", "onnxruntime"])]
             if label == "this checkout":
                 if "onnx_int8" in manifest["artifacts"]:
-                    runs.append(("--runtime onnxruntime --precision int8", ["--precision", "int8"]))
+                    runs.append(("--runtime onnxruntime --precision int8", ["--runtime", "onnxruntime", "--precision",
+                                                                            "int8"]))
                 runs.append(("--runtime torchscript", ["--runtime", "torchscript"]))
-            for name, extra in runs:
-                t = wall(serve + ["--runtime", "onnxruntime"] * ("torchscript" not in name) + extra, args.repeat, code)
-                rows.append((f"serve_cli predict {name} (whole command), {label}", n / statistics.median(t),
-                             f"{min(t):.2f}-{max(t):.2f} s"))
+            commands += [(f"serve_cli predict {name} (whole command), {label}", serve + extra, code)
+                         for name, extra in runs]
+        # Round robin, one run of each command in turn: this machine's speed drifts by tens of percent over a
+        # minute, and every command then sees the same drift.
+        times: dict[str, list[float]] = {name: [] for name, _, _ in commands}
+        for _ in range(args.repeat):
+            for name, cmd, code in commands:
+                times[name] += wall(cmd, 1, code)
+        rows = [(name, n / statistics.median(t), f"{min(t):.2f}-{max(t):.2f} s") for name, t in times.items()]
+        for label, code in versions.items():
             profiles[label] = stages(code, folder, model_dir, args.repeat)
         t = wall([sys.executable, "-c", NAIVE, str(folder), manifest["source"]["checkpoint"]], 1)
         naive = n / t[0]
         rows.append(("naive loop: one file at a time, eager PyTorch (whole command)", naive, f"{t[0]:.2f} s"))
+        alone, pair = core_scaling(folder, max(3, args.repeat // 2))
     print(f"\n{n:,} MNIST test images as PNG, model {args.model}, median of {args.repeat} runs\n")
     print("| path | images/s | wall | vs naive |\n|---|---|---|---|")
     for name, rate, spread in rows:
@@ -185,6 +228,9 @@ def main() -> None:
             fixed = stage.startswith("start-up")
             cells.append("-" if seconds is None else f"{seconds if fixed else seconds * scale:.3f}")
         print(f"| {stage} | " + " | ".join(cells) + " |")
+    print(f"\nTwo cores at once: the per-file work (digit_bytes over the folder, 3 times) takes {alone:.3f} s alone "
+          f"and {pair:.3f} s for the slower of two copies started together: two processes do {2 * alone / pair:.2f}x "
+          f"the work of one here (2.00x on two whole cores)")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -28,7 +29,9 @@ def test_serve_speed(exported_run: Path, synthetic_data: Path) -> None:
     int8 = json.loads((exported_run / "manifest.json").read_text())["parity"]["int8"]["passed"]
     assert len(paths) == 3 + int8 and paths[-1].startswith("| naive loop")
     stages = [line for line in profile.splitlines() if line.startswith("| ") and not line.startswith("| stage")]
-    assert len(stages) == 9 and all(float(line.split("|")[2]) > 0 for line in stages), profile
+    assert len(stages) == 10 and all(float(line.split("|")[2]) > 0 for line in stages), profile
+    scaling = re.search(r"two processes do (\d+\.\d+)x the work of one", profile)
+    assert scaling and 0 < float(scaling.group(1)) < 4, profile
 
 
 def test_flops() -> None:
