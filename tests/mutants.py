@@ -73,6 +73,8 @@ MUTANTS: dict[str, tuple[str, str, str, str]] = {
                                  "tests/test_output_formats.py -k bare_csv"),
     "bare_csv_formula": ("serve_cli/output.py", "(?!'*[=+\\-@\\t\\r])", "(?!'+[=+\\-@\\t\\r])",
                          "tests/test_output_formats.py -k bare_csv"),
+    "dot_listing_spelled_raw": ("serve_cli/base/images.py", '    cut = 2 if top == "." else 0', "    cut = 0",
+                                "tests/test_listing.py -k spelled"),
     "triton_dims_one_short": ("export/triton.py", "str(d) for d in spec[\"shape\"][1:])",
                               "str(d) for d in spec[\"shape\"][2:])", "tests/test_triton.py -k describes_the_gated_model"),
     "triton_foreign_folder_replaced": ("export/__main__.py", "    if (target.exists() or target.is_symlink()) and not ours:",

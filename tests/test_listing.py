@@ -100,3 +100,14 @@ def test_image_names_are_those_whose_splitext_suffix_is_an_image_suffix() -> Non
     wrong = [n for n in names if image_name(n) != (os.path.splitext(n)[1].lower() in IMAGE_SUFFIXES)]
     assert not wrong, wrong[:5]
     assert image_name("x.PNG") and not image_name(".png") and image_name("a..png")
+
+
+def test_paths_are_spelled_as_path_spells_them(tmp_path: Path, monkeypatch) -> None:
+    """Rows name files as Path would: "." lists "a.png", not "./a.png"; "./sub/" lists "sub/x.png"."""
+    (tmp_path / "sub" / "deep").mkdir(parents=True)
+    for rel in ["a.png", "sub/x.png", "sub/deep/y.png"]:
+        (tmp_path / rel).write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    assert list(find_images(["."], recursive=True)) == ["a.png", "sub/deep/y.png", "sub/x.png"]
+    assert list(find_images(["./sub/", ".//a.png"], recursive=False)) == ["sub/x.png", "a.png"]
+    assert list(find_images([str(tmp_path / "sub") + "/"], recursive=False)) == [str(tmp_path / "sub" / "x.png")]

@@ -63,6 +63,7 @@ def _walk(top: str, recursive: bool, seen: set[tuple[int, int]]) -> Iterator[str
     tree as deep as the file system allows is walked (Python's recursion limit is about 1,000 levels)."""
     listings: list[Iterator[os.DirEntry]] = []
     folder: str | None = top
+    cut = 2 if top == "." else 0  # "./a.png" spelled "a.png", as Path spells it; deeper paths then start "sub/"
     while True:
         if folder is not None:
             entries = _listing(folder, seen)
@@ -77,9 +78,9 @@ def _walk(top: str, recursive: bool, seen: set[tuple[int, int]]) -> Iterator[str
         if entry is None:
             listings.pop()
         elif _is_dir(entry):
-            folder = entry.path if recursive else None
+            folder = entry.path[cut * (len(listings) == 1):] if recursive else None
         elif image_name(entry.name):
-            yield entry.path
+            yield entry.path[cut * (len(listings) == 1):]
 
 
 def image_name(name: str) -> bool:
