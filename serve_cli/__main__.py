@@ -112,21 +112,22 @@ def predict(args: argparse.Namespace, written: Written) -> int:
         raise UsageError("--precision int8 runs model.int8.onnx on ONNX Runtime: drop --runtime torchscript")
     model_dir = Path(args.model) if args.model else default_model_dir()
     start = time.perf_counter()
-    with open_output(args.output, written) as stream:
-        manifest, runtime = resolve_model(model_dir, args.runtime, args.threads or None, args.precision)
-        # On the CPU each worker runs its own model copy, one thread each unless --threads says otherwise;
-        # a GPU session stays single, in this process, fed by the workers' decoded images.
-        in_workers = args.workers > 1 and runtime.on_cpu
-        worker_runtime = runtime.with_threads(args.threads or 1) if in_workers else None
-        pool = worker_pool(args.workers, worker_runtime)
-        try:
-            # The first folder is listed (and sorted) while the workers start and build their models.
-            paths = check_inputs(args.inputs, args.recursive)
-            model = None if in_workers else LoadedModel(*runtime.build())
+    manifest, runtime = resolve_model(model_dir, args.runtime, args.threads or None, args.precision)
+    # On the CPU each worker runs its own model copy, one thread each unless --threads says otherwise;
+    # a GPU session stays single, in this process, fed by the workers' decoded images.
+    in_workers = args.workers > 1 and runtime.on_cpu
+    worker_runtime = runtime.with_threads(args.threads or 1) if in_workers else None
+    pool = worker_pool(args.workers, worker_runtime)
+    try:
+        # The first folder is listed (and sorted) while the workers start and build their models; the output is
+        # opened after that check, so that a run with nothing to predict leaves a device or FIFO untouched.
+        paths = check_inputs(args.inputs, args.recursive)
+        model = None if in_workers else LoadedModel(*runtime.build())
+        with open_output(args.output, written) as stream:
             count, failed = run_predictions(stream, paths, pool, model, manifest["model"]["classes"], args.format,
                                             args.batch_size, 2 * args.workers, args.top_k)
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
     seconds = time.perf_counter() - start
     where = f", {args.workers} workers" if in_workers else ""
     note = f"; {runtime.note}" if runtime.note else ""

@@ -136,7 +136,9 @@ def open_output(path: str | None, written: Written) -> Iterator[TextIO]:
     that replaces it only when the run completes; or, for anything else (a device, a FIFO, /dev/fd/N), the
     path itself, written through: replacing it would swap a system's device node for a file.
 
-    The output is opened first, so an unwritable place fails before any work is done.
+    predict opens it once the model is checked and the inputs are found to hold images, before any image is
+    read: a run with nothing to predict leaves a device or FIFO untouched, and an unwritable place fails
+    before the long work (check_output has already refused the places known to be wrong).
     """
     if path is None:
         if hasattr(sys.stdout, "reconfigure"):  # file names that are not UTF-8 print as their bytes

@@ -31,7 +31,7 @@ def test_serve_speed(exported_run: Path, synthetic_data: Path) -> None:
     stages = [line for line in profile.splitlines() if line.startswith("| ") and not line.startswith("| stage")]
     assert len(stages) == 10 and all(float(line.split("|")[2]) > 0 for line in stages), profile
     scaling = re.search(r"two processes do (\d+\.\d+)x the work of one", profile)
-    assert scaling and 0 < float(scaling.group(1)) < 4, profile
+    assert scaling and 0.3 < float(scaling.group(1)) < 2.5, profile  # two processes: at most 2x, and some noise
 
 
 def test_flops() -> None:

@@ -211,3 +211,20 @@ def test_a_file_that_grew_since_its_stat_is_read_to_its_end(tmp_path: Path) -> N
     path.write_bytes(data)
     assert images.read_whole(str(path), 100) == data  # the stat said 100 bytes; 10,240 are there now
     assert images.read_whole(str(path), len(data)) == data
+
+
+def test_a_fifo_swapped_in_after_the_stat_is_not_waited_on(tmp_path: Path) -> None:
+    """read_whole opens what check_regular passed without blocking: a FIFO put in the file's place since reads
+    as empty (an error row) instead of waiting forever for a writer."""
+    import os
+    import threading
+    fifo = tmp_path / "swapped.png"
+    os.mkfifo(fifo)
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(images.read_whole(str(fifo), 100)), daemon=True)
+    reader.start()
+    reader.join(10)
+    if reader.is_alive():  # release the blocked reader before failing
+        with open(fifo, "wb"):
+            pass
+    assert got == [b""], "read_whole waited for a FIFO's writer"

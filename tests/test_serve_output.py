@@ -123,3 +123,24 @@ def test_output_keeps_its_owner_and_refuses_a_trailing_slash(exported_run: Path,
     assert serve(predict(exported_run, folder, f"{owned}/")) == 2
     one_error_line(capsys.readouterr().err, "ends with / but is not a folder")
     assert owned.read_text().startswith("path,")
+
+
+def test_a_run_with_nothing_to_predict_leaves_a_device_or_fifo_output_untouched(exported_run: Path,
+                                                                                tmp_path: Path) -> None:
+    """The output is opened only once there are images: `--output /dev/stdout >> rows.csv` on an empty folder
+    keeps the rows already there (reopening /dev/stdout for writing would empty the file), and a FIFO that no
+    one reads does not hold the error back."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    kept = tmp_path / "rows.csv"
+    kept.write_text("old rows\n")
+    with open(kept, "a") as out:
+        proc = subprocess.run([sys.executable, "-m", "serve_cli", *predict(exported_run, empty, "/dev/stdout")],
+                              cwd=ROOT, stdout=out, stderr=subprocess.PIPE, text=True, timeout=120)
+    assert proc.returncode == 2 and "no image files" in proc.stderr, proc.stderr
+    assert kept.read_text() == "old rows\n"
+    fifo = tmp_path / "rows.fifo"
+    os.mkfifo(fifo)
+    proc = subprocess.run([sys.executable, "-m", "serve_cli", *predict(exported_run, empty, str(fifo))],
+                          cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2 and "no image files" in proc.stderr, proc.stderr

@@ -169,13 +169,14 @@ READ_FLAGS = os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC",
 
 
 def read_whole(path: str | os.PathLike, size: int) -> bytes:
-    """A small regular file's bytes, `size` from its stat: one open and one read of size + 1 bytes (a regular
-    file reads short only at its end), without a file object; twice as fast as open().read() per file here."""
+    """A small regular file's bytes, `size` from its stat: one open and one read of size + 1 bytes (which
+    returns `size` when the file is as its stat said), without a file object; twice as fast as open().read()
+    per file here."""
     try:
         fd = os.open(path, READ_FLAGS)
         try:
             data = os.read(fd, size + 1)
-            if len(data) > size:  # it grew since the stat: read on to its end
+            if len(data) != size:  # it changed since the stat, or a file system read short: read on to its end
                 parts = [data]
                 while part := os.read(fd, FAST_MAX_BYTES):
                     parts.append(part)
