@@ -67,8 +67,8 @@ def csv_text(cell: str) -> str:
 
 
 # A text cell that the csv module writes bare and csv_cell leaves as it is: no delimiter, quote or line end, and
-# no formula's first character.
-BARE_CELL = re.compile(r"(?!'*[=+\-@\t\r])[^,\"\r\n]*\Z")
+# no formula's start (FORMULA_START's own pattern).
+BARE_CELL = re.compile(f"(?!{FORMULA_START.pattern})" + r"[^,\"\r\n]*\Z")
 
 
 class CsvWriter:

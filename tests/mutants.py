@@ -77,7 +77,7 @@ MUTANTS: dict[str, tuple[str, str, str, str]] = {
                                      "tests/test_serve_output.py -k nothing_to_predict"),
     "bare_csv_cell_with_comma": ("serve_cli/output.py", "[^,\\\"\\r\\n]*", "[^\\\"\\r\\n]*",
                                  "tests/test_output_formats.py -k bare_csv"),
-    "bare_csv_formula": ("serve_cli/output.py", "(?!'*[=+\\-@\\t\\r])", "(?!'+[=+\\-@\\t\\r])",
+    "bare_csv_formula": ("serve_cli/output.py", 'f"(?!{FORMULA_START.pattern})"', 'f"(?!\'{FORMULA_START.pattern})"',
                          "tests/test_output_formats.py -k bare_csv"),
     "dot_listing_spelled_raw": ("serve_cli/base/images.py", '    cut = 2 if top == "." else 0', "    cut = 0",
                                 "tests/test_listing.py -k spelled"),
